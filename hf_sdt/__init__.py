@@ -1,0 +1,18 @@
+"""hf_sdt: Sparse-Dynamic Training for the Hugging Face stack."""
+
+from .config import SDTConfig
+from .layer import SDTLinear
+from .model import find_target_modules, get_sdt_model, print_sparsity_summary, sdt_layers, sparsity_summary, unload
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SDTConfig",
+    "SDTLinear",
+    "find_target_modules",
+    "get_sdt_model",
+    "print_sparsity_summary",
+    "sdt_layers",
+    "sparsity_summary",
+    "unload",
+]

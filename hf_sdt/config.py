@@ -1,0 +1,160 @@
+"""`SDTConfig`: what to sparsify and how, in the style of PEFT's tuner configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CONFIG_NAME = "sdt_config.json"
+ALL_LINEAR = "all-linear"
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+
+@dataclass
+class SDTConfig:
+    """Configuration of Sparse-Dynamic Training (SDT) for a transformers model.
+
+    Each targeted weight matrix (out x in) is cut into blocks of `block_size`; a boolean block mask says which
+    blocks are active. Only active blocks are multiplied and receive gradients.
+
+    Args:
+        target_modules (`list[str]` or `str`, defaults to `"all-linear"`):
+            The modules to sparsify. A list of names matches a module whose qualified name equals an entry or ends
+            with `"." + entry` (as in PEFT); a string is a regular expression matched against the full name with
+            `re.fullmatch`; `"all-linear"` targets every `nn.Linear` and GPT-2 `Conv1D` except the output embedding
+            (`lm_head`).
+        exclude_modules (`list[str]` or `str`, *optional*):
+            Modules never to sparsify, with the same matching rules as `target_modules`.
+        density (`float`, defaults to 0.25):
+            Final fraction of active blocks in each targeted layer, in (0, 1]. Each layer keeps exactly
+            `max(1, round(density * n_blocks))` blocks.
+        block_size (`int` or `tuple[int, int]`, defaults to 64):
+            Block shape (rows, cols) in the (out, in) weight layout; an int means square blocks. Larger blocks run
+            faster, smaller blocks lose less quality; 64 is a good compromise on GPUs and CPUs alike.
+        backend (`str`, defaults to `"auto"`):
+            Kernel backend: `"triton"` (GPU kernels), `"torch"` (blocked PyTorch path, fast on a CPU),
+            `"reference"` (masked dense matmul, the slow oracle used by tests) or `"auto"` (Triton for CUDA tensors
+            when it is installed, the blocked PyTorch path otherwise).
+        seed (`int`, defaults to 0):
+            Seed of every random choice SDT makes (tie-breaking in the initial mask, random growth).
+
+    Example:
+    >>> from hf_sdt import SDTConfig
+    >>> config = SDTConfig(target_modules=["q_proj", "v_proj"], density=0.5, block_size=32)
+    >>> config.block_shape
+    (32, 32)
+    """
+
+    target_modules: list[str] | str | None = field(
+        default=ALL_LINEAR,
+        metadata={
+            "help": "Modules to sparsify: a list of names (exact or suffix match), a regex (full match), "
+            "or 'all-linear' for every nn.Linear / Conv1D except the output embedding."
+        },
+    )
+    exclude_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Modules never to sparsify, matched like target_modules."},
+    )
+    density: float = field(
+        default=0.25,
+        metadata={"help": "Final fraction of active blocks per targeted layer, in (0, 1]."},
+    )
+    block_size: int | tuple[int, int] = field(
+        default=64,
+        metadata={"help": "Block shape (rows, cols) of the (out, in) weight; an int means square blocks."},
+    )
+    backend: str = field(
+        default="auto",
+        metadata={"help": f"Kernel backend, one of {BACKENDS}."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of SDT's random choices (mask tie-breaking, random growth)."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, list):
+            self.block_size = tuple(self.block_size)
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a `ValueError` that names the field when a value is out of range."""
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+            raise ValueError(f"SDTConfig.density must be a number in (0, 1], got {self.density!r}.")
+        if not 0 < self.density <= 1:
+            raise ValueError(
+                f"SDTConfig.density must be in (0, 1] (the fraction of active blocks), got {self.density}. "
+                "Use e.g. density=0.25 to keep a quarter of the blocks."
+            )
+        rows, cols = _as_pair(self.block_size)
+        for value in (rows, cols):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(
+                    f"SDTConfig.block_size must be a positive int or a pair of positive ints, got {self.block_size!r}."
+                )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"SDTConfig.backend must be one of {BACKENDS}, got {self.backend!r}.")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if name == "target_modules" and value is None:
+                raise ValueError("SDTConfig.target_modules must be set: a list of names, a regex or 'all-linear'.")
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise ValueError(f"SDTConfig.{name} is not a valid regular expression: {err}.") from err
+            elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+                raise ValueError(f"SDTConfig.{name} must be a list of strings or a regex string, got {value!r}.")
+
+    @property
+    def block_shape(self) -> tuple[int, int]:
+        """The block size as a (rows, cols) pair."""
+        return _as_pair(self.block_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field."""
+        data = asdict(self)
+        if isinstance(data["block_size"], tuple):
+            data["block_size"] = list(data["block_size"])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SDTConfig:
+        """Build a config from `to_dict()` output; unknown keys are an error that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown SDTConfig field(s) {unknown}; known fields are {sorted(known)}.")
+        return cls(**data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
+        """Write the config as `sdt_config.json` in `save_directory` and return the file path."""
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, CONFIG_NAME)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(self.to_dict(), handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> SDTConfig:
+        """Read a config written by `save_pretrained` (a folder or the JSON file itself)."""
+        file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"No {CONFIG_NAME} found at {path}; save one with SDTConfig.save_pretrained().")
+        with open(file, encoding="utf-8") as handle:
+            return cls.from_dict(json.load(handle))
+
+
+def _as_pair(block_size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(block_size, (tuple, list)):
+        if len(block_size) != 2:
+            raise ValueError(f"SDTConfig.block_size must be an int or a (rows, cols) pair, got {block_size!r}.")
+        return block_size[0], block_size[1]
+    return block_size, block_size

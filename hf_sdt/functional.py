@@ -1,0 +1,201 @@
+"""Block-sparse linear products and backend dispatch.
+
+Three backends compute the same thing, forward Y = X (W*M)^T + b, backward dX = dY (W*M), dW = (dY^T X) * M:
+
+- ``reference``: the masked dense matmul, used by tests as the oracle (no saving at all);
+- ``torch``: the blocked PyTorch path below, whose work is proportional to the number of active blocks;
+- ``triton``: the GPU kernels of ``hf_sdt.kernels``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .masks import block_grid, expand_block_mask
+
+# Above this fraction of active elements the blocked CPU path no longer beats one dense GEMM on the masked weight
+# (fwd+bwd, measured by benchmarks/bench_blocked_cpu.py, see benchmarks/results/), so such layers run dense.
+DENSE_FALLBACK_DENSITY = 0.75
+
+
+@dataclass(frozen=True)
+class BlockedLayout:
+    """Where the active blocks of one layer are, in the form the blocked PyTorch path consumes.
+
+    `row_slabs` holds, for each block-row with active blocks, (first row, end row, element indices of the
+    active columns); `col_slabs` is the transposed view, per block-column, with element row indices.
+    `density` is the fraction of weight elements inside active blocks.
+    """
+
+    row_slabs: tuple[tuple[int, int, torch.Tensor], ...]
+    col_slabs: tuple[tuple[int, int, torch.Tensor], ...]
+    shape: tuple[int, int]
+    density: float
+
+
+def build_blocked_layout(mask: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> BlockedLayout:
+    """Index lists of the active blocks of a (out, in) matrix, rebuilt whenever the mask changes.
+
+    Example:
+        >>> layout = build_blocked_layout(torch.tensor([[True, False], [False, False]]), (2, 2), (4, 3))
+        >>> [(start, end, idx.tolist()) for start, end, idx in layout.row_slabs]
+        [(0, 2, [0, 1])]
+    """
+    if tuple(mask.shape) != block_grid(shape, block):
+        raise ValueError(
+            f"Block mask of shape {tuple(mask.shape)} does not fit a {shape[0]} x {shape[1]} weight with "
+            f"blocks of {block}: expected {block_grid(shape, block)}."
+        )
+    host_mask = mask.detach().to("cpu", torch.bool)
+    device = mask.device
+
+    def slabs(grid: torch.Tensor, step: int, cross_step: int, length: int, cross_length: int):
+        offsets = torch.arange(cross_step)
+        result = []
+        for index, line in enumerate(grid):
+            active = line.nonzero().flatten()
+            if active.numel() == 0:
+                continue
+            elements = (active[:, None] * cross_step + offsets).flatten()
+            elements = elements[elements < cross_length].to(device)
+            result.append((index * step, min((index + 1) * step, length), elements))
+        return tuple(result)
+
+    row_slabs = slabs(host_mask, block[0], block[1], shape[0], shape[1])
+    col_slabs = slabs(host_mask.t(), block[1], block[0], shape[1], shape[0])
+    active_elements = sum((end - start) * idx.numel() for start, end, idx in row_slabs)
+    return BlockedLayout(row_slabs, col_slabs, shape, active_elements / (shape[0] * shape[1]))
+
+
+def _slab_matmul(dense_t: torch.Tensor, slab_weights: list[torch.Tensor], slabs: tuple, out_features: int):
+    """Dense (T, K), given transposed as `dense_t` (K, T), times a block-sparse (out_features, K) matrix, transposed.
+
+    The sparse matrix is given as slabs: rows start:end hold `slab_weights[i]` (end - start, n) at the columns
+    `idx` (n,). Gathering rows of the transposed activations is a plain memcpy, and each slab is one tall GEMM.
+    """
+    out = _slab_output(dense_t, dense_t.shape[1], out_features, slabs)  # (T, out_features)
+    gathered = _gather_buffer(dense_t, slabs)
+    for (start, end, idx), weight in zip(slabs, slab_weights, strict=True):
+        rows = torch.index_select(dense_t, 0, idx, out=gathered[: idx.numel()])  # (n, T)
+        torch.mm(rows.t(), weight.t(), out=out[:, start:end])
+    return out
+
+
+def _slab_output(like: torch.Tensor, tokens: int, features: int, slabs: tuple) -> torch.Tensor:
+    """A (tokens, features) result that the slabs fill; zeroed only where some block-line is empty."""
+    out = like.new_empty(tokens, features)
+    if sum(end - start for start, end, _ in slabs) < features:
+        out.zero_()
+    return out
+
+
+def _gather_buffer(dense_t: torch.Tensor, slabs: tuple) -> torch.Tensor:
+    """One buffer for every gather of a pass: a fresh large allocation per slab costs page faults, not copies."""
+    return dense_t.new_empty(max((idx.numel() for _, _, idx in slabs), default=0), dense_t.shape[1])
+
+
+class BlockSparseLinearFunction(torch.autograd.Function):
+    """Y = X W^T reading only the active blocks of W (out, in); dW is zero outside them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.layout = layout
+        row_weights = [weight[start:end].index_select(1, idx) for start, end, idx in layout.row_slabs]
+        return _slab_matmul(x.t().contiguous(), row_weights, layout.row_slabs, layout.shape[0])  # (T, out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        layout: BlockedLayout = ctx.layout
+        grad_out_t = grad_out.t().contiguous()  # (out, T)
+        grad_x = _slab_output(x, *x.shape, layout.col_slabs) if ctx.needs_input_grad[0] else None  # (T, in)
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        # One pass over block-columns serves both gradients: the gathered rows of dY^T feed dX and dW alike.
+        gathered = _gather_buffer(grad_out_t, layout.col_slabs)
+        for start, end, idx in layout.col_slabs:
+            grad_out_rows = torch.index_select(grad_out_t, 0, idx, out=gathered[: idx.numel()])  # (m, T)
+            if grad_x is not None:
+                torch.mm(grad_out_rows.t(), weight[idx, start:end], out=grad_x[:, start:end])
+            if grad_w is not None:
+                grad_w[:, start:end].index_copy_(0, idx, grad_out_rows @ x[:, start:end])  # (m, T) @ (T, cols)
+        return grad_x, grad_w, None
+
+
+def reference_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor:
+    """The masked dense product X (W*M)^T + b: every backend must match it.
+
+    Example:
+        >>> x, w = torch.ones(1, 4), torch.ones(2, 4)
+        >>> reference_linear(x, w, None, torch.tensor([[True, False]]), (2, 2))
+        tensor([[2., 2.]])
+    """
+    element_mask = expand_block_mask(mask, block, tuple(weight.shape))
+    return F.linear(x, weight * element_mask.to(weight.dtype), bias)
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can run here (triton imports and a CUDA device is present)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for `backend` on `device`; `"auto"` means Triton on CUDA, blocked torch otherwise.
+
+    Example:
+        >>> resolve_backend("auto", torch.device("cpu"))
+        'torch'
+    """
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if backend == "triton" and not (device.type == "cuda" and triton_available()):
+        raise RuntimeError(
+            "backend='triton' needs the `triton` package and a CUDA device; "
+            f"this tensor is on {device}. Use backend='auto' or backend='torch'."
+        )
+    if backend not in ("triton", "torch", "reference"):
+        raise ValueError(f"Unknown SDT backend {backend!r}; use 'auto', 'triton', 'torch' or 'reference'.")
+    return backend
+
+
+def sdt_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    block: tuple[int, int],
+    backend: str = "auto",
+    layout: BlockedLayout | None = None,
+) -> torch.Tensor:
+    """Block-sparse `F.linear`: x (..., in), weight (out, in), bool block mask -> (..., out).
+
+    `layout` is the cached `build_blocked_layout(mask, block, weight.shape)`; it is built here when omitted.
+
+    Example:
+        >>> x, w = torch.randn(5, 8), torch.randn(4, 8)
+        >>> mask = torch.tensor([[True, False], [False, True]])
+        >>> y = sdt_linear(x, w, None, mask, (2, 4), backend="torch")
+        >>> torch.allclose(y, reference_linear(x, w, None, mask, (2, 4)), atol=1e-6)
+        True
+    """
+    backend = resolve_backend(backend, x.device)
+    if layout is None and backend != "reference":
+        layout = build_blocked_layout(mask, block, tuple(weight.shape))
+    if backend == "reference" or layout.density > DENSE_FALLBACK_DENSITY:
+        return reference_linear(x, weight, bias, mask, block)
+    if backend == "triton":
+        raise NotImplementedError("The Triton backend is not available in this version; use backend='torch'.")
+    x2d = x.reshape(-1, x.shape[-1])  # (T, in)
+    out = BlockSparseLinearFunction.apply(x2d, weight, layout)  # (T, out)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])

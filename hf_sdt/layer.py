@@ -1,0 +1,96 @@
+"""`SDTLinear`: a linear layer whose weight is cut into blocks, of which only the active ones are used."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import BlockedLayout, build_blocked_layout, sdt_linear
+from .masks import block_grid, expand_block_mask
+
+
+class SDTLinear(nn.Module):
+    """Block-sparse drop-in for `nn.Linear` and GPT-2's `Conv1D`.
+
+    The parameters keep their original names, shapes and layouts (`weight` is (out, in) for `nn.Linear` and
+    (in, out) for `Conv1D`), so state dicts stay loadable by vanilla transformers. The persistent bool buffer
+    `sdt_mask` of shape (ceil(out / block_rows), ceil(in / block_cols)) marks the active blocks of the (out, in)
+    view of the weight; weights outside active blocks are kept at exactly zero.
+
+    Args:
+        base_layer (`nn.Linear` or `Conv1D`): the layer to wrap; its parameters are reused, not copied.
+        block_size (`tuple[int, int]`): block (rows, cols) in the (out, in) layout.
+        mask (`torch.Tensor`): bool block mask.
+        backend (`str`): `"auto"`, `"triton"`, `"torch"` or `"reference"`, see `SDTConfig.backend`.
+
+    Example:
+    >>> layer = SDTLinear(nn.Linear(8, 4), (2, 4), torch.tensor([[True, False], [False, True]]), "torch")
+    >>> layer(torch.randn(3, 8)).shape
+    torch.Size([3, 4])
+    """
+
+    def __init__(self, base_layer: nn.Module, block_size: tuple[int, int], mask: torch.Tensor, backend: str = "auto"):
+        super().__init__()
+        self.is_conv1d = not isinstance(base_layer, nn.Linear)
+        if self.is_conv1d:  # transformers' Conv1D: weight (in, out)
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.out_features, self.in_features = base_layer.weight.shape
+        self.block_size = tuple(block_size)
+        self.backend = backend
+        self.weight = base_layer.weight
+        self.bias = base_layer.bias
+        # Kept out of the module tree (no duplicate state-dict keys); `unload` hands it back.
+        self.__dict__["base_layer"] = base_layer
+        expected = block_grid((self.out_features, self.in_features), self.block_size)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit this layer: expected {expected}.")
+        self.register_buffer("sdt_mask", mask.to(device=self.weight.device, dtype=torch.bool).clone())
+        self._layout: BlockedLayout | None = None
+        self._layout_mask: torch.Tensor | None = None
+        self._layout_version = -1
+        self.apply_mask_()
+
+    @property
+    def weight_out_in(self) -> torch.Tensor:
+        """The weight as an (out, in) view, whatever the storage layout."""
+        return self.weight.t() if self.is_conv1d else self.weight
+
+    @property
+    def density(self) -> float:
+        """Fraction of weight elements inside active blocks."""
+        return self.layout().density
+
+    def layout(self) -> BlockedLayout:
+        """The block index lists of the current mask, rebuilt only when the mask changes (in place or replaced)."""
+        mask = self.sdt_mask
+        if mask is not self._layout_mask or mask._version != self._layout_version:
+            self._layout = build_blocked_layout(mask, self.block_size, (self.out_features, self.in_features))
+            self._layout_mask, self._layout_version = mask, mask._version
+        return self._layout
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        """Set every weight outside the active blocks to exactly zero."""
+        element_mask = expand_block_mask(self.sdt_mask, self.block_size, (self.out_features, self.in_features))
+        self.weight_out_in.mul_(element_mask.to(self.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        return sdt_linear(
+            x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self.backend, self.layout()
+        )
+
+    def unload(self) -> nn.Module:
+        """The original layer class with this layer's current parameters (zeros included)."""
+        base_layer = self.__dict__["base_layer"]
+        base_layer.weight = self.weight
+        base_layer.bias = self.bias
+        return base_layer
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.is_conv1d else "Linear"
+        return (
+            f"{kind}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, active_blocks={int(self.sdt_mask.sum())}/{self.sdt_mask.numel()}, "
+            f"backend={self.backend!r}"
+        )

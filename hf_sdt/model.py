@@ -1,0 +1,193 @@
+"""Attach SDT to a model: match target layers, swap them for `SDTLinear` in place, undo it, summarise it."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from .config import ALL_LINEAR, SDTConfig
+from .layer import SDTLinear
+from .masks import active_block_count, block_norms, topk_block_mask
+
+logger = logging.getLogger(__name__)
+
+LINEAR_LIKE = (nn.Linear, Conv1D)
+
+
+def _matches(name: str, pattern: list[str] | str) -> bool:
+    if isinstance(pattern, str):
+        return re.fullmatch(pattern, name) is not None
+    return any(name == key or name.endswith("." + key) for key in pattern)
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    if not isinstance(model, PreTrainedModel):
+        return set()
+    output_embeddings = model.get_output_embeddings()
+    return {name for name, module in model.named_modules() if module is output_embeddings and name}
+
+
+def find_target_modules(model: nn.Module, config: SDTConfig) -> list[str]:
+    """Qualified names of the layers `config` targets, in module order; raises a ValueError when none match.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+        >>> find_target_modules(model, SDTConfig(target_modules=["c_fc"]))
+        ['transformer.h.0.mlp.c_fc']
+    """
+    linear_names = [name for name, module in model.named_modules() if isinstance(module, LINEAR_LIKE)]
+    if config.target_modules == ALL_LINEAR:
+        skipped = _output_embedding_names(model)
+        targets = [name for name in linear_names if name not in skipped]
+    else:
+        targets = [name for name, _ in model.named_modules() if name and _matches(name, config.target_modules)]
+        if isinstance(config.target_modules, list):
+            for key in config.target_modules:
+                if not any(_matches(name, [key]) for name in targets):
+                    logger.warning("SDT target_modules entry %r matched no module of this model.", key)
+    if config.exclude_modules is not None:
+        targets = [name for name in targets if not _matches(name, config.exclude_modules)]
+    if not targets:
+        available = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+        raise ValueError(
+            f"SDTConfig.target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+            f"matched no layer of {type(model).__name__}. Linear layers available: {available}; "
+            "pass some of these names or target_modules='all-linear'."
+        )
+    modules = dict(model.named_modules())
+    for name in targets:
+        if not isinstance(modules[name], LINEAR_LIKE):
+            raise ValueError(
+                f"SDT target {name!r} is a {type(modules[name]).__name__}, not an nn.Linear or Conv1D; "
+                "name its linear sub-layers instead (see the model's print-out)."
+            )
+    return targets
+
+
+def _check_not_tied(model: nn.Module, name: str, layer: nn.Module) -> None:
+    input_embeddings = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
+    if input_embeddings is not None and getattr(input_embeddings, "weight", None) is layer.weight:
+        raise ValueError(
+            f"SDT target {name!r} shares its weight with the input embeddings; sparsifying it would zero "
+            "embedding rows. Remove it from target_modules or untie the embeddings first."
+        )
+
+
+def get_sdt_model(model: nn.Module, config: SDTConfig) -> nn.Module:
+    """Swap every targeted layer of `model` for an `SDTLinear` in place and return the same model object.
+
+    The initial mask of each layer keeps its `max(1, round(density * n_blocks))` blocks of largest Frobenius norm
+    (so a pretrained model loses as little as possible); the other weights are set to exactly zero. The config is
+    stored as a dict in `model.config.sdt_config`, so it survives `save_pretrained`.
+
+    Example:
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2))
+    >>> model = get_sdt_model(model, SDTConfig(density=0.5, block_size=16))
+    >>> round(sparsity_summary(model)["density"], 2)
+    0.5
+    """
+    if sdt_layers(model):
+        raise ValueError(
+            "This model already has SDT layers (get_sdt_model was applied); call hf_sdt.unload(model) first "
+            "to convert it again with another config."
+        )
+    targets = find_target_modules(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    block = config.block_shape
+    for name in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        layer = getattr(parent, child_name)
+        _check_not_tied(model, name, layer)
+        weight_out_in = layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
+        scores = block_norms(weight_out_in, block)
+        mask = topk_block_mask(scores, active_block_count(config.density, scores.numel()), generator)
+        setattr(parent, child_name, SDTLinear(layer, block, mask, config.backend))
+    if hasattr(model, "config"):
+        model.config.sdt_config = config.to_dict()
+    return model
+
+
+def sdt_layers(model: nn.Module) -> dict[str, SDTLinear]:
+    """The `SDTLinear` layers of `model` by qualified name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SDTLinear)}
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Swap every `SDTLinear` back to its original class (weights keep their zeros) and drop `sdt_config`.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = get_sdt_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)), SDTConfig())
+        >>> sdt_layers(unload(model))
+        {}
+    """
+    for name, layer in sdt_layers(model).items():
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, layer.unload())
+    if hasattr(model, "config") and hasattr(model.config, "sdt_config"):
+        del model.config.sdt_config
+    return model
+
+
+def sparsity_summary(model: nn.Module) -> dict[str, Any]:
+    """Density of the SDT layers of `model` and the multiply-adds their block-sparse products need.
+
+    Returns a dict with `density` (active fraction of all targeted weight elements), `linear_flops_ratio`
+    (sparse / dense multiply-adds of the targeted layers for the forward and both gradients; each product scales
+    with the active elements, so this is the active fraction) and `layers`, one dict per layer with `name`,
+    `shape` (out, in), `block_size`, `active_blocks`, `total_blocks` and `density`.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2))
+        >>> model = get_sdt_model(model, SDTConfig(density=0.5, block_size=32))
+        >>> sparsity_summary(model)["layers"][0]["active_blocks"]
+        6
+    """
+    layers = []
+    active = total = 0
+    for name, layer in sdt_layers(model).items():
+        elements = layer.out_features * layer.in_features
+        layer_density = layer.density
+        active += layer_density * elements
+        total += elements
+        layers.append(
+            {
+                "name": name,
+                "shape": (layer.out_features, layer.in_features),
+                "block_size": layer.block_size,
+                "active_blocks": int(layer.sdt_mask.sum()),
+                "total_blocks": layer.sdt_mask.numel(),
+                "density": layer_density,
+            }
+        )
+    if not layers:
+        raise ValueError("This model has no SDT layers; convert it with hf_sdt.get_sdt_model(model, SDTConfig(...)).")
+    density = active / total
+    return {"density": density, "linear_flops_ratio": density, "layers": layers}
+
+
+def print_sparsity_summary(model: nn.Module, file: Any | None = None) -> None:
+    """Print `sparsity_summary(model)` as a table, one row per SDT layer and a total."""
+    summary = sparsity_summary(model)
+    width = max(len(layer["name"]) for layer in summary["layers"])
+    rows = [f"{'layer':<{width}}  {'shape':>13}  {'block':>9}  {'blocks':>13}  {'density':>7}"]
+    for layer in summary["layers"]:
+        shape = "{} x {}".format(*layer["shape"])
+        block = "{}x{}".format(*layer["block_size"])
+        blocks = f"{layer['active_blocks']}/{layer['total_blocks']}"
+        rows.append(f"{layer['name']:<{width}}  {shape:>13}  {block:>9}  {blocks:>13}  {layer['density']:>7.3f}")
+    rows.append(
+        f"{len(summary['layers'])} SDT layers, density {summary['density']:.4f}, "
+        f"linear FLOPs ratio {summary['linear_flops_ratio']:.4f} of dense"
+    )
+    print("\n".join(rows), file=file)

@@ -1,0 +1,1 @@
+"""Triton block-sparse kernels, installed as `hf_sdt.kernels`: tensors in, tensors out."""

@@ -1,0 +1,43 @@
+import pytest
+
+from hf_sdt import SDTConfig
+
+
+def test_round_trip(tmp_path):
+    config = SDTConfig(target_modules=["q_proj", "v_proj"], density=0.1, block_size=(32, 64), seed=3)
+    config.save_pretrained(tmp_path)
+    loaded = SDTConfig.from_pretrained(tmp_path)
+    assert loaded == config
+    assert loaded.block_shape == (32, 64)
+    assert SDTConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("density", [0, -0.1, 1.5, float("nan"), "half"])
+def test_density_out_of_range_names_the_field(density):
+    with pytest.raises(ValueError, match="density"):
+        SDTConfig(density=density)
+
+
+@pytest.mark.parametrize("block_size", [0, -64, (64, 0), (64,), 1.5])
+def test_bad_block_size_names_the_field(block_size):
+    with pytest.raises(ValueError, match="block_size"):
+        SDTConfig(block_size=block_size)
+
+
+def test_bad_backend_and_regex():
+    with pytest.raises(ValueError, match="backend"):
+        SDTConfig(backend="cuda")
+    with pytest.raises(ValueError, match="target_modules"):
+        SDTConfig(target_modules="(unclosed")
+    with pytest.raises(ValueError, match="exclude_modules"):
+        SDTConfig(exclude_modules=[1, 2])
+
+
+def test_unknown_field_lists_known_ones():
+    with pytest.raises(ValueError, match=r"densty.*known fields"):
+        SDTConfig.from_dict({"densty": 0.5})
+
+
+def test_missing_file_says_how_to_make_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        SDTConfig.from_pretrained(tmp_path)

@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from hf_sdt import functional
+from hf_sdt.functional import build_blocked_layout, reference_linear, resolve_backend, sdt_linear
+from hf_sdt.masks import expand_block_mask
+
+SHAPES = [((100, 72), (32, 32)), ((64, 48), (16, 16)), ((50, 70), (16, 32)), ((24, 40), (24, 40))]
+MASKS = ["random", "full", "single", "empty_lines"]
+
+
+@pytest.fixture(autouse=True)
+def blocked_path_at_every_density(monkeypatch):
+    # The blocked path itself is under test, so no layer may fall back to the dense GEMM.
+    monkeypatch.setattr(functional, "DENSE_FALLBACK_DENSITY", 1.0)
+
+
+def run(backend, x, weight, bias, mask, block):
+    x = x.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    bias = None if bias is None else bias.detach().requires_grad_()
+    out = sdt_linear(x, weight, bias, mask, block, backend)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype))
+    return out, x.grad, weight.grad, None if bias is None else bias.grad
+
+
+@pytest.mark.parametrize("shape,block", SHAPES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_blocked_matches_reference(shape, block, mask_kind, dtype, tol, block_mask_factory):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(37, shape[1], generator=generator).to(dtype)
+    weight = torch.randn(shape, generator=generator).to(dtype)
+    bias = torch.randn(shape[0], generator=generator).to(dtype)
+    mask = block_mask_factory(mask_kind, shape, block)
+    expected = run("reference", x, weight, bias, mask, block)
+    actual = run("torch", x, weight, bias, mask, block)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    inactive = ~expand_block_mask(mask, block, shape)
+    assert (actual[2][inactive] == 0).all(), "inactive blocks must get exactly zero gradient"
+
+
+def test_layout_rejects_a_mask_of_the_wrong_shape():
+    with pytest.raises(ValueError, match="does not fit a 64 x 48 weight"):
+        build_blocked_layout(torch.ones(3, 3, dtype=torch.bool), (16, 16), (64, 48))
+
+
+def test_layout_lists_only_active_lines():
+    mask = torch.tensor([[False, False], [True, False]])
+    layout = build_blocked_layout(mask, (16, 16), (20, 20))
+    assert [(start, end) for start, end, _ in layout.row_slabs] == [(16, 20)]
+    assert layout.row_slabs[0][2].tolist() == list(range(16))
+    assert [(start, end) for start, end, _ in layout.col_slabs] == [(0, 16)]
+    assert layout.col_slabs[0][2].tolist() == [16, 17, 18, 19]
+    assert layout.density == pytest.approx(4 * 16 / 400)
+
+
+def test_dense_fallback_above_threshold_gives_the_same_result(monkeypatch):
+    monkeypatch.setattr(functional, "DENSE_FALLBACK_DENSITY", 0.5)
+    x, weight = torch.randn(5, 32), torch.randn(32, 32)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    mask[0, 0] = False
+    torch.testing.assert_close(
+        sdt_linear(x, weight, None, mask, (16, 16), "torch"), reference_linear(x, weight, None, mask, (16, 16))
+    )
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("reference", torch.device("cpu")) == "reference"
+    with pytest.raises(RuntimeError, match="CUDA"):
+        resolve_backend("triton", torch.device("cpu"))
+    with pytest.raises(ValueError, match="Unknown SDT backend"):
+        resolve_backend("fast", torch.device("cpu"))

@@ -1,0 +1,90 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from hf_sdt import SDTLinear, functional
+from hf_sdt.masks import expand_block_mask
+
+
+def make_base(kind: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(in_features, out_features, bias=bias)
+    layer = Conv1D(out_features, in_features)
+    nn.init.normal_(layer.bias)
+    if not bias:
+        layer.bias = None
+    return layer
+
+
+def forward_backward(layer: SDTLinear, x: torch.Tensor):
+    x = x.detach().requires_grad_()
+    out = layer(x)
+    out.square().sum().backward()
+    grads = [x.grad, layer.weight.grad] + ([layer.bias.grad] if layer.bias is not None else [])
+    return [out, *grads]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("lead", [(11,), (3, 5)])
+@pytest.mark.parametrize("mask_kind", ["random", "full", "single", "empty_lines"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_torch_backend_matches_reference(kind, bias, lead, mask_kind, dtype, tol, block_mask_factory, monkeypatch):
+    monkeypatch.setattr(functional, "DENSE_FALLBACK_DENSITY", 1.0)  # test the blocked path at every density
+    in_features, out_features, block = 72, 100, (32, 32)
+    mask = block_mask_factory(mask_kind, (out_features, in_features), block)
+    fast = SDTLinear(make_base(kind, in_features, out_features, bias), block, mask, "torch").to(dtype)
+    oracle = copy.deepcopy(fast)
+    oracle.backend = "reference"
+    x = torch.randn(*lead, in_features).to(dtype)
+    for got, want in zip(forward_backward(fast, x), forward_backward(oracle, x), strict=True):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_keeps_names_shapes_and_zeros_inactive_weights(kind):
+    base = make_base(kind, 48, 40, bias=True)
+    weight_shape = tuple(base.weight.shape)
+    mask = torch.tensor([[True, False, False], [False, True, False], [False, False, True]])
+    layer = SDTLinear(base, (16, 16), mask, "torch")
+    assert set(layer.state_dict()) == {"weight", "bias", "sdt_mask"}
+    assert tuple(layer.weight.shape) == weight_shape
+    assert layer.weight is base.weight
+    element_mask = expand_block_mask(mask, (16, 16), (40, 48))
+    assert (layer.weight_out_in[~element_mask] == 0).all()
+    assert (layer.weight_out_in[element_mask] != 0).all()
+    assert layer.unload() is base
+
+
+def test_layout_follows_in_place_and_replaced_masks():
+    layer = SDTLinear(make_base("linear", 32, 32, bias=False), (16, 16), torch.eye(2, dtype=torch.bool), "torch")
+    first = layer.layout()
+    assert layer.layout() is first, "the layout is cached while the mask is unchanged"
+    with torch.no_grad():
+        layer.sdt_mask[0, 1] = True
+    assert layer.layout() is not first and layer.layout().density == pytest.approx(0.75)
+    layer.sdt_mask = torch.ones(2, 2, dtype=torch.bool)
+    assert layer.layout().density == 1.0
+
+
+def test_rebuilt_layout_gives_the_same_result_as_a_fresh_layer():
+    base = make_base("linear", 64, 64, bias=True)
+    layer = SDTLinear(copy.deepcopy(base), (16, 16), torch.ones(4, 4, dtype=torch.bool), "torch")
+    new_mask = torch.rand(4, 4, generator=torch.Generator().manual_seed(3)) < 0.5
+    x = torch.randn(9, 64)
+    layer(x)  # builds and caches the first layout
+    with torch.no_grad():
+        layer.sdt_mask.copy_(new_mask)
+        layer.apply_mask_()
+    fresh = SDTLinear(copy.deepcopy(base), (16, 16), new_mask, "torch")
+    torch.testing.assert_close(layer(x), fresh(x), rtol=0, atol=0)
+
+
+def test_wrong_mask_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"expected \(3, 2\)"):
+        SDTLinear(make_base("linear", 32, 40, bias=True), (16, 16), torch.ones(2, 2, dtype=torch.bool))

@@ -1,0 +1,205 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.pytorch_utils import Conv1D
+
+from hf_sdt import SDTConfig, SDTLinear, get_sdt_model, print_sparsity_summary, sdt_layers, sparsity_summary, unload
+from hf_sdt.masks import expand_block_mask
+
+VOCAB = 96
+TINY = {
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)),
+    "llama": lambda: LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=112,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ),
+    "opt": lambda: OPTForCausalLM(
+        OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=64,
+        )
+    ),
+    "qwen2": lambda: Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ),
+    "gpt_neox": lambda: GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+        )
+    ),
+    "bert": lambda: BertForMaskedLM(
+        BertConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    ),
+    "t5": lambda: T5ForConditionalGeneration(
+        T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=100, num_layers=2, num_heads=4)
+    ),
+}
+
+
+def build(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = TINY[arch]()
+    model.eval()
+    return model
+
+
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    if model.config.is_encoder_decoder:
+        return model(input_ids=ids, decoder_input_ids=ids).logits
+    return model(input_ids=ids).logits
+
+
+def masked_dense_copy(original: nn.Module, converted: nn.Module) -> nn.Module:
+    """The original model with each converted layer's weight multiplied by its element mask."""
+    dense = copy.deepcopy(original)
+    for name, layer in sdt_layers(converted).items():
+        target = dense.get_submodule(name)
+        element_mask = expand_block_mask(layer.sdt_mask, layer.block_size, (layer.out_features, layer.in_features))
+        with torch.no_grad():
+            weight_out_in = target.weight.t() if isinstance(target, Conv1D) else target.weight
+            weight_out_in.mul_(element_mask)
+    return dense
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_converted_model_equals_masked_dense_copy(arch):
+    original = build(arch)
+    model = get_sdt_model(copy.deepcopy(original), SDTConfig(density=0.5, block_size=16, backend="torch"))
+    layers = sdt_layers(model)
+    assert layers, "all-linear must find linear layers"
+    assert type(model) is type(original)
+    assert model.config.sdt_config["density"] == 0.5
+    output_embeddings = model.get_output_embeddings()
+    assert not isinstance(output_embeddings, SDTLinear)
+    torch.testing.assert_close(output_embeddings.weight, original.get_output_embeddings().weight, rtol=0, atol=0)
+    for layer in layers.values():
+        assert int(layer.sdt_mask.sum()) == max(1, round(0.5 * layer.sdt_mask.numel()))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(
+        logits(model, ids), logits(masked_dense_copy(original, model), ids), rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
+def test_optimizer_steps_keep_inactive_weights_zero(arch):
+    model = get_sdt_model(build(arch), SDTConfig(density=0.25, block_size=16))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
+    for _ in range(3):
+        kwargs = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+        loss = model(input_ids=ids, labels=ids, **kwargs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, layer in sdt_layers(model).items():
+        element_mask = expand_block_mask(layer.sdt_mask, layer.block_size, (layer.out_features, layer.in_features))
+        assert (layer.weight_out_in[~element_mask] == 0).all(), name
+        assert (layer.weight_out_in[element_mask] != 0).any(), name
+
+
+def test_initial_mask_keeps_the_largest_blocks():
+    model = nn.Sequential(nn.Linear(32, 32, bias=False))
+    with torch.no_grad():
+        model[0].weight.fill_(0.01)
+        model[0].weight[16:, :16] = 5.0
+    get_sdt_model(model, SDTConfig(target_modules=["0"], density=0.25, block_size=16))
+    assert model[0].sdt_mask.tolist() == [[False, False], [True, False]]
+
+
+def test_target_list_regex_and_exclude():
+    model = get_sdt_model(build("llama"), SDTConfig(target_modules=["q_proj", "v_proj"], block_size=16))
+    assert {name.rsplit(".", 1)[-1] for name in sdt_layers(model)} == {"q_proj", "v_proj"}
+    model = get_sdt_model(
+        build("llama"),
+        SDTConfig(target_modules=r".*layers\.0\.mlp\.\w+_proj", exclude_modules=["down_proj"], block_size=16),
+    )
+    assert sorted(sdt_layers(model)) == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+
+
+def test_unmatched_targets_list_what_is_available():
+    with pytest.raises(ValueError, match=r"matched no layer.*c_attn.*c_fc"):
+        get_sdt_model(build("gpt2"), SDTConfig(target_modules=["q_proj"]))
+
+
+def test_non_linear_target_is_named():
+    with pytest.raises(ValueError, match=r"'transformer.h.0.attn' is a GPT2Attention"):
+        get_sdt_model(build("gpt2"), SDTConfig(target_modules=r"transformer\.h\.0\.attn"))
+
+
+def test_tied_output_embedding_is_refused():
+    with pytest.raises(ValueError, match="shares its weight with the input embeddings"):
+        get_sdt_model(build("gpt2"), SDTConfig(target_modules=["lm_head"]))
+
+
+def test_converting_twice_is_refused():
+    model = get_sdt_model(build("gpt2"), SDTConfig(block_size=16))
+    with pytest.raises(ValueError, match="already has SDT layers"):
+        get_sdt_model(model, SDTConfig(block_size=16))
+
+
+def test_unload_restores_original_classes_with_zeros():
+    original = build("gpt2")
+    model = get_sdt_model(copy.deepcopy(original), SDTConfig(density=0.5, block_size=16))
+    ids = torch.randint(0, VOCAB, (1, 8))
+    expected = logits(model, ids)
+    unload(model)
+    assert not sdt_layers(model)
+    assert not hasattr(model.config, "sdt_config")
+    assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
+    assert set(model.state_dict()) == set(original.state_dict())
+    torch.testing.assert_close(logits(model, ids), expected)
+
+
+def test_sparsity_summary(capsys):
+    model = get_sdt_model(build("gpt2"), SDTConfig(density=0.25, block_size=16))
+    summary = sparsity_summary(model)
+    assert len(summary["layers"]) == 8
+    active = sum(layer["density"] * layer["shape"][0] * layer["shape"][1] for layer in summary["layers"])
+    total = sum(layer["shape"][0] * layer["shape"][1] for layer in summary["layers"])
+    assert summary["density"] == pytest.approx(active / total)
+    assert summary["linear_flops_ratio"] == pytest.approx(0.25)
+    c_attn = summary["layers"][0]
+    assert c_attn["name"] == "transformer.h.0.attn.c_attn"
+    assert c_attn["shape"] == (192, 64) and c_attn["active_blocks"] == 12 and c_attn["total_blocks"] == 48
+    print_sparsity_summary(model)
+    printed = capsys.readouterr().out
+    assert "transformer.h.1.mlp.c_proj" in printed and "8 SDT layers" in printed
+    with pytest.raises(ValueError, match="get_sdt_model"):
+        sparsity_summary(build("gpt2"))
