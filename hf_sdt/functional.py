@@ -9,16 +9,19 @@ Three backends compute the same thing, forward Y = X (W*M)^T + b, backward dX = 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .config import BACKENDS
 from .masks import block_grid, expand_block_mask
 
 # Above this fraction of active elements the blocked CPU path no longer beats one dense GEMM on the masked weight
 # (fwd+bwd, measured by benchmarks/bench_blocked_cpu.py, see benchmarks/results/), so such layers run dense.
-DENSE_FALLBACK_DENSITY = 0.75
+DENSE_FALLBACK_DENSITY = 0.6
 
 
 @dataclass(frozen=True)
@@ -97,32 +100,69 @@ def _gather_buffer(dense_t: torch.Tensor, slabs: tuple) -> torch.Tensor:
     return dense_t.new_empty(max((idx.numel() for _, _, idx in slabs), default=0), dense_t.shape[1])
 
 
-class BlockSparseLinearFunction(torch.autograd.Function):
-    """Y = X W^T reading only the active blocks of W (out, in); dW is zero outside them."""
+class BlockedTorchOps:
+    """The blocked PyTorch products on a `BlockedLayout`."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.layout = layout
+    def forward(x: torch.Tensor, weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
         row_weights = [weight[start:end].index_select(1, idx) for start, end, idx in layout.row_slabs]
         return _slab_matmul(x.t().contiguous(), row_weights, layout.row_slabs, layout.shape[0])  # (T, out)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        layout: BlockedLayout = ctx.layout
+    def backward(grad_out, x, weight, layout: BlockedLayout, need_x: bool, need_w: bool):
         grad_out_t = grad_out.t().contiguous()  # (out, T)
-        grad_x = _slab_output(x, *x.shape, layout.col_slabs) if ctx.needs_input_grad[0] else None  # (T, in)
-        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_x = _slab_output(x, *x.shape, layout.col_slabs) if need_x else None  # (T, in)
+        grad_w = torch.zeros_like(weight) if need_w else None
         # One pass over block-columns serves both gradients: the gathered rows of dY^T feed dX and dW alike.
         gathered = _gather_buffer(grad_out_t, layout.col_slabs)
         for start, end, idx in layout.col_slabs:
             grad_out_rows = torch.index_select(grad_out_t, 0, idx, out=gathered[: idx.numel()])  # (m, T)
-            if grad_x is not None:
+            if need_x:
                 torch.mm(grad_out_rows.t(), weight[idx, start:end], out=grad_x[:, start:end])
-            if grad_w is not None:
+            if need_w:
                 grad_w[:, start:end].index_copy_(0, idx, grad_out_rows @ x[:, start:end])  # (m, T) @ (T, cols)
-        return grad_x, grad_w, None
+        return grad_x, grad_w
+
+
+@dataclass(frozen=True)
+class TritonLayout:
+    """Device-side block indices for the Triton kernels, and the block they tile with."""
+
+    meta: Any  # hf_sdt.kernels.block_sparse.BlockMetadata
+    block: tuple[int, int]
+
+
+class TritonOps:
+    """The Triton kernels of `hf_sdt.kernels` on a `TritonLayout`."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, layout: TritonLayout) -> torch.Tensor:
+        return _kernels().block_sparse_forward(x, weight, layout.meta, layout.block)
+
+    @staticmethod
+    def backward(grad_out, x, weight, layout: TritonLayout, need_x: bool, need_w: bool):
+        kernels = _kernels()
+        grad_x = kernels.block_sparse_grad_input(grad_out, weight, layout.meta, layout.block) if need_x else None
+        grad_w = kernels.block_sparse_grad_weight(grad_out, x, weight, layout.meta, layout.block) if need_w else None
+        return grad_x, grad_w
+
+
+class BlockSparseLinearFunction(torch.autograd.Function):
+    """Y = X W^T reading only the active blocks of W (out, in), with `ops` (blocked torch or Triton) doing the
+    products; dW is exactly zero outside the active blocks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ops, layout) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.ops, ctx.layout = ops, layout
+        return ops.forward(x, weight, layout)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x, grad_w = ctx.ops.backward(grad_out, x, weight, ctx.layout, need_x, need_w)
+        return grad_x, grad_w, None, None
 
 
 def reference_linear(
@@ -139,32 +179,60 @@ def reference_linear(
     return F.linear(x, weight * element_mask.to(weight.dtype), bias)
 
 
-def triton_available() -> bool:
-    """Whether the Triton kernels can run here (triton imports and a CUDA device is present)."""
+def _kernels():
+    from .kernels import block_sparse  # imports triton: only when the Triton backend runs
+
+    return block_sparse
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device`: triton imports, and the device is CUDA (or, for tests, the
+    CPU under `TRITON_INTERPRET=1`)."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for `backend` on `device`; `"auto"` means Triton on CUDA, blocked torch otherwise.
+def resolve_backend(backend: str, device: torch.device, block: tuple[int, int] = (64, 64)) -> str:
+    """The concrete backend for `backend` on `device`: `"auto"` means Triton on CUDA (when triton imports and the
+    block suits the kernels), the blocked torch path otherwise.
 
     Example:
         >>> resolve_backend("auto", torch.device("cpu"))
         'torch'
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown SDT backend {backend!r}; use one of {BACKENDS}.")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton" and not (device.type == "cuda" and triton_available()):
-        raise RuntimeError(
-            "backend='triton' needs the `triton` package and a CUDA device; "
-            f"this tensor is on {device}. Use backend='auto' or backend='torch'."
-        )
-    if backend not in ("triton", "torch", "reference"):
-        raise ValueError(f"Unknown SDT backend {backend!r}; use 'auto', 'triton', 'torch' or 'reference'.")
+        if device.type == "cuda" and triton_available(device) and _kernels().supports_block(block):
+            return "triton"
+        return "torch"
+    if backend == "triton":
+        if not triton_available(device):
+            raise RuntimeError(
+                "backend='triton' needs the `triton` package and a CUDA device; "
+                f"this tensor is on {device}. Use backend='auto' or backend='torch'."
+            )
+        if not _kernels().supports_block(block):
+            raise ValueError(
+                f"backend='triton' needs block sides that are powers of two >= 16, got {block}; "
+                "change SDTConfig.block_size or use backend='torch'."
+            )
     return backend
+
+
+def build_layout(
+    backend: str, mask: torch.Tensor, block: tuple[int, int], shape: tuple[int, int], n_active: int | None = None
+):
+    """The index structure `backend` ("torch" or "triton") needs for `mask`; `n_active` (the number of active
+    blocks, when the caller knows it) spares the Triton path a host synchronisation."""
+    if backend == "triton":
+        if n_active is None:
+            n_active = int(mask.sum())
+        return TritonLayout(_kernels().build_block_metadata(mask, n_active), block)
+    return build_blocked_layout(mask, block, shape)
 
 
 def sdt_linear(
@@ -174,11 +242,11 @@ def sdt_linear(
     mask: torch.Tensor,
     block: tuple[int, int],
     backend: str = "auto",
-    layout: BlockedLayout | None = None,
+    layout=None,
 ) -> torch.Tensor:
     """Block-sparse `F.linear`: x (..., in), weight (out, in), bool block mask -> (..., out).
 
-    `layout` is the cached `build_blocked_layout(mask, block, weight.shape)`; it is built here when omitted.
+    `layout` is the cached `build_layout(...)` of the resolved backend; it is built here when omitted.
 
     Example:
         >>> x, w = torch.randn(5, 8), torch.randn(4, 8)
@@ -187,15 +255,15 @@ def sdt_linear(
         >>> torch.allclose(y, reference_linear(x, w, None, mask, (2, 4)), atol=1e-6)
         True
     """
-    backend = resolve_backend(backend, x.device)
-    if layout is None and backend != "reference":
-        layout = build_blocked_layout(mask, block, tuple(weight.shape))
-    if backend == "reference" or layout.density > DENSE_FALLBACK_DENSITY:
+    backend = resolve_backend(backend, x.device, block)
+    if backend == "reference":
         return reference_linear(x, weight, bias, mask, block)
-    if backend == "triton":
-        raise NotImplementedError("The Triton backend is not available in this version; use backend='torch'.")
-    x2d = x.reshape(-1, x.shape[-1])  # (T, in)
-    out = BlockSparseLinearFunction.apply(x2d, weight, layout)  # (T, out)
+    if layout is None:
+        layout = build_layout(backend, mask, block, tuple(weight.shape))
+    if backend == "torch" and layout.density > DENSE_FALLBACK_DENSITY:
+        return reference_linear(x, weight, bias, mask, block)
+    ops = TritonOps if backend == "triton" else BlockedTorchOps
+    out = BlockSparseLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, ops, layout)  # (T, out)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])

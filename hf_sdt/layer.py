@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import BlockedLayout, build_blocked_layout, sdt_linear
-from .masks import block_grid, expand_block_mask
+from .functional import build_layout, resolve_backend, sdt_linear
+from .masks import block_grid, expand_block_mask, masked_fraction
 
 
 class SDTLinear(nn.Module):
@@ -46,9 +46,9 @@ class SDTLinear(nn.Module):
         if tuple(mask.shape) != expected:
             raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit this layer: expected {expected}.")
         self.register_buffer("sdt_mask", mask.to(device=self.weight.device, dtype=torch.bool).clone())
-        self._layout: BlockedLayout | None = None
-        self._layout_mask: torch.Tensor | None = None
-        self._layout_version = -1
+        self._layout = None
+        self._layout_key: tuple = ()  # (backend, mask, version) the cached layout was built for
+        self._known_active: tuple = ()  # ((mask, version), active block count) recorded by update_mask_
         self.apply_mask_()
 
     @property
@@ -59,15 +59,30 @@ class SDTLinear(nn.Module):
     @property
     def density(self) -> float:
         """Fraction of weight elements inside active blocks."""
-        return self.layout().density
+        return masked_fraction(self.sdt_mask, self.block_size, (self.out_features, self.in_features))
 
-    def layout(self) -> BlockedLayout:
-        """The block index lists of the current mask, rebuilt only when the mask changes (in place or replaced)."""
-        mask = self.sdt_mask
-        if mask is not self._layout_mask or mask._version != self._layout_version:
-            self._layout = build_blocked_layout(mask, self.block_size, (self.out_features, self.in_features))
-            self._layout_mask, self._layout_version = mask, mask._version
+    def layout(self, backend: str):
+        """The index structure of the current mask for `backend` ("torch" or "triton"), rebuilt only when the mask
+        changes (in place or replaced) or the backend does."""
+        if self._layout_key[:1] != (backend,) or not _same_mask_state(self._layout_key[1:], self.sdt_mask):
+            known_state, n_active = self._known_active or ((), None)
+            if not _same_mask_state(known_state, self.sdt_mask):
+                n_active = None  # changed outside update_mask_ (e.g. load_state_dict): count it again
+            shape = (self.out_features, self.in_features)
+            self._layout = build_layout(backend, self.sdt_mask, self.block_size, shape, n_active)
+            self._layout_key = (backend, self.sdt_mask, self.sdt_mask._version)
         return self._layout
+
+    @torch.no_grad()
+    def update_mask_(self, mask: torch.Tensor, n_active: int) -> None:
+        """Replace the block mask in place and zero the weights it no longer covers.
+
+        `n_active` must be the number of active blocks of `mask`; passing it lets the Triton path rebuild its
+        indices on the device without reading the mask back to the host.
+        """
+        self.sdt_mask.copy_(mask)
+        self._known_active = ((self.sdt_mask, self.sdt_mask._version), n_active)
+        self.apply_mask_()
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
@@ -76,9 +91,9 @@ class SDTLinear(nn.Module):
         self.weight_out_in.mul_(element_mask.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        return sdt_linear(
-            x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self.backend, self.layout()
-        )
+        backend = resolve_backend(self.backend, x.device, self.block_size)
+        layout = None if backend == "reference" else self.layout(backend)
+        return sdt_linear(x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, backend, layout)
 
     def unload(self) -> nn.Module:
         """The original layer class with this layer's current parameters (zeros included)."""
@@ -94,3 +109,9 @@ class SDTLinear(nn.Module):
             f"block_size={self.block_size}, active_blocks={int(self.sdt_mask.sum())}/{self.sdt_mask.numel()}, "
             f"backend={self.backend!r}"
         )
+
+
+def _same_mask_state(state: tuple, mask: torch.Tensor) -> bool:
+    """Whether `state` = (mask, version) still describes `mask`; identity, not address, so that a new tensor at
+    a reused address never matches."""
+    return bool(state) and state[0] is mask and state[1] == mask._version

@@ -77,3 +77,19 @@ def expand_block_mask(mask: torch.Tensor, block: tuple[int, int], shape: tuple[i
     """
     expanded = mask.repeat_interleave(block[0], dim=0).repeat_interleave(block[1], dim=1)
     return expanded[: shape[0], : shape[1]]
+
+
+def masked_fraction(mask: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> float:
+    """Fraction of the elements of a (out, in) matrix that lie in active blocks (partial edge blocks count less).
+
+    Example:
+        >>> masked_fraction(torch.tensor([[True, False]]), (2, 2), (2, 3))
+        0.6666666666666666
+    """
+    rows, cols = block_grid(shape, block)
+    row_sizes = torch.full((rows,), block[0], dtype=torch.int64)
+    col_sizes = torch.full((cols,), block[1], dtype=torch.int64)
+    row_sizes[-1] = shape[0] - (rows - 1) * block[0]
+    col_sizes[-1] = shape[1] - (cols - 1) * block[1]
+    active = (row_sizes[:, None] * col_sizes[None, :])[mask.cpu()].sum()
+    return active.item() / (shape[0] * shape[1])

@@ -66,10 +66,17 @@ def test_dense_fallback_above_threshold_gives_the_same_result(monkeypatch):
     )
 
 
-def test_backend_resolution():
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert resolve_backend("reference", torch.device("cpu")) == "reference"
-    with pytest.raises(RuntimeError, match="CUDA"):
-        resolve_backend("triton", torch.device("cpu"))
+def test_backend_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "torch"
+    assert resolve_backend("reference", cpu) == "reference"
     with pytest.raises(ValueError, match="Unknown SDT backend"):
-        resolve_backend("fast", torch.device("cpu"))
+        resolve_backend("fast", cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", cpu, (16, 32)) == "triton"
+    assert resolve_backend("auto", cpu, (16, 32)) == "torch", "the interpreter is for tests, never chosen by auto"
+    with pytest.raises(ValueError, match="powers of two"):
+        resolve_backend("triton", cpu, (24, 32))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="CUDA device"):
+        resolve_backend("triton", cpu)

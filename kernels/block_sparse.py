@@ -1,0 +1,317 @@
+"""Triton kernels for a linear layer whose (out, in) weight is dense in memory but used only at active blocks.
+
+Three products, each touching only the active blocks and accumulating in fp32:
+
+- forward  Y  = X W^T: one program per (token tile, block-row), walking that row's active blocks (block-CSR);
+- backward dX = dY W: one program per (token tile, block-column), walking that column's active blocks through
+  a transposed index (CSC) that points at the same weight memory, so no atomics and no copies of values;
+- backward dW = dY^T X at the active blocks only (SDD): one program per (active block, token split); with few
+  active blocks the token reduction is split and fp32 partials are summed by a second kernel.
+
+The block of the mask is the tile of the kernels, so block rows and columns must be powers of two >= 16.
+Launchers take and return tensors; `build_block_metadata` rebuilds the indices on the device without any
+host synchronisation, given the number of active blocks (which the caller knows).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Autotuning benchmarks each config on first use of a (shape, block, dtype, density) key; HF_SDT_AUTOTUNE=0 keeps
+# the default config (as does the CPU interpreter, which cannot time kernels).
+AUTOTUNE = os.environ.get("HF_SDT_AUTOTUNE", "1") == "1" and not INTERPRETING
+DEFAULT_CONFIG = triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=3)
+TUNED_CONFIGS = [
+    triton.Config({"BLOCK_T": block_t}, num_warps=warps, num_stages=stages)
+    for block_t in (64, 128)
+    for warps in (4, 8)
+    for stages in (2, 3, 4)
+]
+CONFIGS = TUNED_CONFIGS if AUTOTUNE else [DEFAULT_CONFIG]
+TUNING_KEY = ["OUT", "IN", "T_BUCKET", "DENSITY_BUCKET", "BLOCK_N", "BLOCK_K"]
+
+
+class BlockMetadata(NamedTuple):
+    """Where the active blocks are: block-CSR (`row_offsets`, `block_rows`, `block_cols` in row-major order) and
+    its transpose (`col_offsets`, `csc_rows`: for each block-column, the block-rows of its active blocks)."""
+
+    row_offsets: torch.Tensor  # (n_block_rows + 1,) int32
+    block_rows: torch.Tensor  # (n_active,) int32
+    block_cols: torch.Tensor  # (n_active,) int32
+    col_offsets: torch.Tensor  # (n_block_cols + 1,) int32
+    csc_rows: torch.Tensor  # (n_active,) int32
+
+
+def build_block_metadata(mask: torch.Tensor, n_active: int) -> BlockMetadata:
+    """Block-CSR and CSC indices of a bool block mask with exactly `n_active` active blocks, built on its device.
+
+    Only sorts, sums and cumulative sums of fixed-size tensors: no `.item()`, no data-dependent shapes.
+
+    Example:
+        >>> meta = build_block_metadata(torch.tensor([[True, False], [True, True]]), 3)
+        >>> meta.row_offsets.tolist(), meta.block_cols.tolist(), meta.col_offsets.tolist(), meta.csc_rows.tolist()
+        ([0, 1, 3], [0, 0, 1], [0, 2, 3], [0, 1, 1])
+    """
+    n_rows, n_cols = mask.shape
+    # A stable sort puts the active block ids first, in row-major order.
+    active_ids = torch.sort((~mask).flatten().to(torch.int8), stable=True).indices[:n_active]
+    block_rows = active_ids // n_cols
+    block_cols = active_ids % n_cols
+    csc_rows = block_rows[torch.sort(block_cols * n_rows + block_rows).indices]
+
+    def offsets(counts: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(torch.cumsum(counts, 0), (1, 0)).to(torch.int32)
+
+    return BlockMetadata(
+        row_offsets=offsets(mask.sum(1)),
+        block_rows=block_rows.to(torch.int32),
+        block_cols=block_cols.to(torch.int32),
+        col_offsets=offsets(mask.sum(0)),
+        csc_rows=csc_rows.to(torch.int32),
+    )
+
+
+@triton.autotune(configs=CONFIGS, key=TUNING_KEY)
+@triton.jit
+def _forward_kernel(
+    x_ptr, w_ptr, y_ptr, row_offsets_ptr, block_cols_ptr,
+    T, OUT, IN, T_BUCKET, DENSITY_BUCKET,
+    stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_yn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0)
+    block_row = tl.program_id(1)
+    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_n = (block_row * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    start = tl.load(row_offsets_ptr + block_row)
+    end = tl.load(row_offsets_ptr + block_row + 1)
+    for i in range(start, end):
+        offs_k = tl.load(block_cols_ptr + i).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+            mask=(offs_t[:, None] < T) & (offs_k[None, :] < IN),
+            other=0.0,
+        )  # (BLOCK_T, BLOCK_K)
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            mask=(offs_n[:, None] < OUT) & (offs_k[None, :] < IN),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_K)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    tl.store(
+        y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(offs_t[:, None] < T) & (offs_n[None, :] < OUT),
+    )
+
+
+@triton.autotune(configs=CONFIGS, key=TUNING_KEY)
+@triton.jit
+def _grad_input_kernel(
+    dy_ptr, w_ptr, dx_ptr, col_offsets_ptr, csc_rows_ptr,
+    T, OUT, IN, T_BUCKET, DENSITY_BUCKET,
+    stride_dyt, stride_dyn, stride_wn, stride_wk, stride_dxt, stride_dxk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_t = tl.program_id(0)
+    block_col = tl.program_id(1)
+    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_k = (block_col * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    start = tl.load(col_offsets_ptr + block_col)
+    end = tl.load(col_offsets_ptr + block_col + 1)
+    for i in range(start, end):
+        offs_n = tl.load(csc_rows_ptr + i).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        dy = tl.load(
+            dy_ptr + offs_t[:, None] * stride_dyt + offs_n[None, :] * stride_dyn,
+            mask=(offs_t[:, None] < T) & (offs_n[None, :] < OUT),
+            other=0.0,
+        )  # (BLOCK_T, BLOCK_N)
+        w = tl.load(
+            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            mask=(offs_n[:, None] < OUT) & (offs_k[None, :] < IN),
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_K)
+        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
+    tl.store(
+        dx_ptr + offs_t[:, None] * stride_dxt + offs_k[None, :] * stride_dxk,
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=(offs_t[:, None] < T) & (offs_k[None, :] < IN),
+    )
+
+
+@triton.autotune(configs=CONFIGS, key=TUNING_KEY)
+@triton.jit
+def _grad_weight_kernel(
+    dy_ptr, x_ptr, dw_ptr, partial_ptr, block_rows_ptr, block_cols_ptr,
+    T, OUT, IN, T_BUCKET, DENSITY_BUCKET, N_ACTIVE, TOKENS_PER_SPLIT,
+    stride_dyt, stride_dyn, stride_xt, stride_xk, stride_dwn, stride_dwk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+):  # fmt: skip
+    block = tl.program_id(0)
+    split = tl.program_id(1)
+    offs_n = (tl.load(block_rows_ptr + block).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    offs_k = (tl.load(block_cols_ptr + block).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    t_start = split * TOKENS_PER_SPLIT
+    t_end = tl.minimum(t_start + TOKENS_PER_SPLIT, T)
+    for t in range(t_start, t_end, BLOCK_T):
+        offs_t = (t + tl.arange(0, BLOCK_T)).to(tl.int64)
+        dy = tl.load(
+            dy_ptr + offs_t[:, None] * stride_dyt + offs_n[None, :] * stride_dyn,
+            mask=(offs_t[:, None] < t_end) & (offs_n[None, :] < OUT),
+            other=0.0,
+        )  # (BLOCK_T, BLOCK_N)
+        x = tl.load(
+            x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+            mask=(offs_t[:, None] < t_end) & (offs_k[None, :] < IN),
+            other=0.0,
+        )  # (BLOCK_T, BLOCK_K)
+        acc = tl.dot(tl.trans(dy), x, acc, input_precision=PRECISION)
+    if SPLIT == 1:
+        tl.store(
+            dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+            acc.to(dw_ptr.dtype.element_ty),
+            mask=(offs_n[:, None] < OUT) & (offs_k[None, :] < IN),
+        )
+    else:
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+        tl.store(partial_ptr + (split * N_ACTIVE + block).to(tl.int64) * BLOCK_N * BLOCK_K + tile, acc)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    partial_ptr, dw_ptr, block_rows_ptr, block_cols_ptr,
+    OUT, IN, N_ACTIVE, stride_dwn, stride_dwk,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    block = tl.program_id(0)
+    offs_n = tl.load(block_rows_ptr + block).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.load(block_cols_ptr + block).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for split in range(SPLIT):
+        acc += tl.load(partial_ptr + (split * N_ACTIVE + block).to(tl.int64) * BLOCK_N * BLOCK_K + tile)
+    tl.store(
+        dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+        acc.to(dw_ptr.dtype.element_ty),
+        mask=(offs_n[:, None] < OUT) & (offs_k[None, :] < IN),
+    )
+
+
+def supports_block(block: tuple[int, int]) -> bool:
+    """Whether the kernels can use `block` (rows, cols) as their tile: powers of two, at least 16.
+
+    Example:
+        >>> supports_block((64, 128)), supports_block((24, 32))
+        (True, False)
+    """
+    return all(size >= 16 and size & (size - 1) == 0 for size in block)
+
+
+def _launch_args(x: torch.Tensor, weight: torch.Tensor, meta: BlockMetadata, block: tuple[int, int]) -> dict:
+    """Checks shapes and returns the arguments every product kernel shares."""
+    if not supports_block(block):
+        raise ValueError(f"The Triton kernels need block sides that are powers of two >= 16, got {block}.")
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"Expected 2-D tensors, got {tuple(x.shape)} and {tuple(weight.shape)}.")
+    n_blocks = (meta.row_offsets.numel() - 1) * (meta.col_offsets.numel() - 1)
+    # fp32 follows PyTorch's own matmul setting, so the kernels agree with F.linear on the same inputs.
+    tf32 = x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    return {
+        "T": x.shape[0],
+        "OUT": weight.shape[0],
+        "IN": weight.shape[1],
+        "T_BUCKET": triton.next_power_of_2(max(x.shape[0], 1)),
+        "DENSITY_BUCKET": round(20 * meta.block_rows.numel() / n_blocks),
+        "BLOCK_N": block[0],
+        "BLOCK_K": block[1],
+        "PRECISION": "tf32" if tf32 else "ieee",
+    }
+
+
+def block_sparse_forward(
+    x: torch.Tensor, weight: torch.Tensor, meta: BlockMetadata, block: tuple[int, int]
+) -> torch.Tensor:
+    """Y (T, out) = x (T, in) @ weight^T, reading only the active blocks of `weight` (out, in).
+
+    Example:
+        >>> x, weight, mask = torch.randn(8, 32), torch.randn(16, 32), torch.tensor([[True, False]])
+        >>> y = block_sparse_forward(x, weight, build_block_metadata(mask, 1), (16, 16))  # doctest: +SKIP
+    """
+    args = _launch_args(x, weight, meta, block)
+    if x.shape[1] != args["IN"]:
+        raise ValueError(f"x has {x.shape[1]} features but the weight expects {args['IN']}.")
+    y = x.new_empty(args["T"], args["OUT"])
+    grid = lambda config: (triton.cdiv(args["T"], config["BLOCK_T"]), meta.row_offsets.numel() - 1)  # noqa: E731
+    _forward_kernel[grid](
+        x, weight, y, meta.row_offsets, meta.block_cols,
+        stride_xt=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_yt=y.stride(0), stride_yn=y.stride(1), **args,
+    )  # fmt: skip
+    return y
+
+
+def block_sparse_grad_input(
+    grad_out: torch.Tensor, weight: torch.Tensor, meta: BlockMetadata, block: tuple[int, int]
+) -> torch.Tensor:
+    """dX (T, in) = grad_out (T, out) @ weight, reading only the active blocks of `weight` (out, in)."""
+    args = _launch_args(grad_out, weight, meta, block)
+    if grad_out.shape[1] != args["OUT"]:
+        raise ValueError(f"grad_out has {grad_out.shape[1]} features but the weight has {args['OUT']} rows.")
+    grad_x = grad_out.new_empty(args["T"], args["IN"])
+    grid = lambda config: (triton.cdiv(args["T"], config["BLOCK_T"]), meta.col_offsets.numel() - 1)  # noqa: E731
+    _grad_input_kernel[grid](
+        grad_out, weight, grad_x, meta.col_offsets, meta.csc_rows,
+        stride_dyt=grad_out.stride(0), stride_dyn=grad_out.stride(1),
+        stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_dxt=grad_x.stride(0), stride_dxk=grad_x.stride(1), **args,
+    )  # fmt: skip
+    return grad_x
+
+
+def block_sparse_grad_weight(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    meta: BlockMetadata,
+    block: tuple[int, int],
+    target_programs: int | None = None,
+) -> torch.Tensor:
+    """dW = grad_out^T (out, T) @ x (T, in) at the active blocks only; zero elsewhere, laid out like `weight`.
+
+    When there are fewer active blocks than `target_programs` (default: two waves of the GPU's SMs), the token
+    reduction is split and fp32 partials are summed by a second kernel, which keeps the result deterministic.
+    """
+    args = _launch_args(x, weight, meta, block)
+    n_active = meta.block_rows.numel()
+    grad_w = torch.zeros_like(weight)
+    if n_active == 0:
+        return grad_w
+    if target_programs is None:
+        target_programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    max_split = triton.cdiv(args["T"], 64)  # the smallest token tile of the configs
+    split = max(1, min(triton.cdiv(target_programs, n_active), max_split))
+    tokens_per_split = triton.cdiv(triton.cdiv(args["T"], split), 128) * 128  # a multiple of every token tile
+    split = triton.cdiv(args["T"], tokens_per_split)
+    partial = x.new_empty((split, n_active, *block) if split > 1 else (1,), dtype=torch.float32)
+    _grad_weight_kernel[(n_active, split)](
+        grad_out, x, grad_w, partial, meta.block_rows, meta.block_cols,
+        N_ACTIVE=n_active, TOKENS_PER_SPLIT=tokens_per_split,
+        stride_dyt=grad_out.stride(0), stride_dyn=grad_out.stride(1), stride_xt=x.stride(0), stride_xk=x.stride(1),
+        stride_dwn=grad_w.stride(0), stride_dwk=grad_w.stride(1), SPLIT=split, **args,
+    )  # fmt: skip
+    if split > 1:
+        _sum_partials_kernel[(n_active,)](
+            partial, grad_w, meta.block_rows, meta.block_cols, args["OUT"], args["IN"], n_active,
+            grad_w.stride(0), grad_w.stride(1), BLOCK_N=block[0], BLOCK_K=block[1], SPLIT=split,
+        )  # fmt: skip
+    return grad_w

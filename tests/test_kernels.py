@@ -1,0 +1,113 @@
+"""The Triton kernels against the masked-dense reference; on a CPU they run in Triton's interpreter."""
+
+import os
+
+import pytest
+import torch
+
+from hf_sdt import SDTLinear
+from hf_sdt.functional import reference_linear, sdt_linear
+from hf_sdt.kernels import block_sparse as kernels
+from hf_sdt.masks import block_grid, expand_block_mask
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs a GPU or TRITON_INTERPRET=1",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (out, in), block: odd dimensions with partial edge blocks, rectangular blocks, and the sizes 16 / 32 / 64.
+SHAPES = [((100, 72), (32, 32)), ((50, 70), (16, 32)), ((130, 96), (64, 32)), ((64, 64), (16, 16))]
+MASKS = ["random", "full", "single", "empty_lines"]
+# The interpreter cannot load bf16 (garbage values); fp16 stands in for half precision there.
+DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])
+
+
+def reference_products(x, weight, grad_out, mask, block):
+    x = x.float().requires_grad_()
+    weight = weight.float().requires_grad_()
+    out = reference_linear(x, weight, None, mask, block)
+    out.backward(grad_out.float())
+    return out, x.grad, weight.grad
+
+
+def assert_close(got, want, tol):
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * max(want.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("shape,block", SHAPES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_kernels_match_reference(shape, block, mask_kind, dtype, tol, block_mask_factory):
+    generator = torch.Generator().manual_seed(0)
+    mask = block_mask_factory(mask_kind, shape, block).to(DEVICE)
+    x = torch.randn(45, shape[1], generator=generator).to(DEVICE, dtype)
+    weight = torch.randn(shape, generator=generator).to(DEVICE, dtype)
+    grad_out = torch.randn(45, shape[0], generator=generator).to(DEVICE, dtype)
+    meta = kernels.build_block_metadata(mask, int(mask.sum()))
+    out, grad_x, grad_w = reference_products(x, weight, grad_out, mask, block)
+    assert_close(kernels.block_sparse_forward(x, weight, meta, block), out, tol)
+    assert_close(kernels.block_sparse_grad_input(grad_out, weight, meta, block), grad_x, tol)
+    for target_programs in (1, 10_000):  # one program per block, then the split token reduction
+        got_w = kernels.block_sparse_grad_weight(grad_out, x, weight, meta, block, target_programs)
+        assert_close(got_w, grad_w, tol)
+        assert (got_w[~expand_block_mask(mask, block, shape)] == 0).all()
+
+
+def test_strided_weight_as_in_conv1d():
+    weight_in_out = torch.randn(72, 100, device=DEVICE)  # Conv1D storage; the kernels read its transpose
+    mask = torch.rand(block_grid((100, 72), (32, 32)), generator=torch.Generator().manual_seed(1)) < 0.6
+    mask = mask.to(DEVICE)
+    x, grad_out = torch.randn(30, 72, device=DEVICE), torch.randn(30, 100, device=DEVICE)
+    meta = kernels.build_block_metadata(mask, int(mask.sum()))
+    out, grad_x, grad_w = reference_products(x, weight_in_out.t(), grad_out, mask, (32, 32))
+    assert_close(kernels.block_sparse_forward(x, weight_in_out.t(), meta, (32, 32)), out, 1e-4)
+    assert_close(kernels.block_sparse_grad_input(grad_out, weight_in_out.t(), meta, (32, 32)), grad_x, 1e-4)
+    assert_close(kernels.block_sparse_grad_weight(grad_out, x, weight_in_out.t(), meta, (32, 32)), grad_w, 1e-4)
+
+
+def test_metadata_matches_a_host_construction():
+    mask = torch.rand(7, 5, generator=torch.Generator().manual_seed(2)) < 0.4
+    meta = kernels.build_block_metadata(mask.to(DEVICE), int(mask.sum()))
+    rows, cols = mask.nonzero(as_tuple=True)
+    assert meta.block_rows.tolist() == rows.tolist() and meta.block_cols.tolist() == cols.tolist()
+    assert meta.row_offsets.tolist() == [0, *mask.sum(1).cumsum(0).tolist()]
+    assert meta.col_offsets.tolist() == [0, *mask.sum(0).cumsum(0).tolist()]
+    _, rows_t = mask.t().nonzero(as_tuple=True)
+    assert meta.csc_rows.tolist() == rows_t.tolist()
+    assert all(t.dtype == torch.int32 for t in meta)
+
+
+def test_metadata_rebuilt_after_a_mask_change_equals_a_fresh_build():
+    base = torch.nn.Linear(64, 96).to(DEVICE)
+    layer = SDTLinear(base, (32, 32), torch.ones(3, 2, dtype=torch.bool), backend="triton")
+    x = torch.randn(10, 64, device=DEVICE)
+    layer(x)  # builds metadata for the dense mask
+    new_mask = torch.tensor([[True, False], [False, False], [True, True]], device=DEVICE)
+    layer.update_mask_(new_mask, 3)
+    rebuilt = layer.layout("triton").meta
+    fresh = kernels.build_block_metadata(new_mask, 3)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt, fresh, strict=True))
+    expected = reference_linear(x, layer.weight, layer.bias, new_mask, (32, 32))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sdt_linear_triton_backend_end_to_end(bias):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 48, generator=generator).to(DEVICE).requires_grad_()
+    weight = torch.randn(40, 48, generator=generator).to(DEVICE).requires_grad_()
+    bias_t = torch.randn(40, generator=generator).to(DEVICE).requires_grad_() if bias else None
+    mask = torch.tensor([[True, False, True], [False, False, False], [False, True, True]], device=DEVICE)
+    inputs = [t for t in (x, weight, bias_t) if t is not None]
+    results = []
+    for backend in ("triton", "reference"):
+        out = sdt_linear(x, weight, bias_t, mask, (16, 16), backend)
+        results.append((out, *torch.autograd.grad(out.square().sum(), inputs)))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_block_is_a_clear_error():
+    meta = kernels.build_block_metadata(torch.ones(1, 1, dtype=torch.bool), 1)
+    with pytest.raises(ValueError, match="powers of two"):
+        kernels.block_sparse_forward(torch.randn(4, 24), torch.randn(24, 24), meta, (24, 24))
