@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Everything GPU-related, in one call of at most 8 minutes on the lent GPU machine (see the brief):
+#   1. the kernel, functional and layer tests on the GPU (real Triton kernels, bf16 included);
+#   2. benchmarks/bench_kernels_gpu.py: bf16 correctness on large shapes, then the fwd+bwd timing table against
+#      cuBLAS and PyTorch's BSR kernels, written to $OUT (or benchmarks/results/) with the GPU name and date.
+# The machine's own python3 already has torch, triton and transformers; hf_sdt is installed without deps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+results="${OUT:-benchmarks/results}"
+mkdir -p "$results"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv
+python3 -m pip install -q --no-deps --no-build-isolation -e .
+python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_functional.py tests/test_layer.py \
+  2>&1 | tee "$results/gpu_tests.log"
+python3 benchmarks/bench_kernels_gpu.py --output "$results/gpu_kernels_$(date +%F).md" 2>&1 \
+  | tee "$results/gpu_kernels.log"
