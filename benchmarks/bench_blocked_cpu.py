@@ -56,7 +56,7 @@ def measure(tokens: int, features: int, block: int, density: float, repeats: int
         "dense_ms": dense_s * 1e3,
         "sdt_ms": sparse_s * 1e3,
         "speedup": dense_s / sparse_s,
-        "runs_dense": "fallback" if sparse.density > functional.DENSE_FALLBACK_DENSITY else "blocked",
+        "path": "blocked" if functional.blocked_path_pays(sparse.layout("torch"), tokens, (block, block)) else "dense",
     }
 
 
@@ -68,7 +68,7 @@ def format_table(rows: list[dict]) -> str:
     for row in rows:
         lines.append(
             f"| {row['block']} | {row['density']:.3f} | {row['dense_ms']:.1f} | {row['sdt_ms']:.1f} | "
-            f"{row['speedup']:.2f}x | {row['runs_dense']} |"
+            f"{row['speedup']:.2f}x | {row['path']} |"
         )
     return "\n".join(lines)
 
@@ -83,8 +83,9 @@ def main() -> None:
     parser.add_argument(
         "--fallback-sweep",
         action="store_true",
-        help="also time the blocked path (fallback disabled) at densities 0.6-1.0 to find where it stops paying",
+        help="also time the blocked path, forced, at --sweep-densities to find where it stops paying",
     )
+    parser.add_argument("--sweep-densities", type=float, nargs="+", default=[0.35, 0.45, 0.55, 0.65, 0.75, 0.85])
     parser.add_argument("--output", help="write the tables as markdown to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat: checks the script runs")
     args = parser.parse_args()
@@ -104,15 +105,21 @@ def main() -> None:
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     report = [header, "", format_table(rows)]
     if args.fallback_sweep:
-        saved = functional.DENSE_FALLBACK_DENSITY
-        functional.DENSE_FALLBACK_DENSITY = 1.0  # force the blocked path to see where it stops paying
+        dispatch_rule = functional.blocked_path_pays
+        functional.blocked_path_pays = lambda layout, tokens, block: True  # force the blocked path
         sweep = []
         for block in args.blocks:
-            for density in (0.6, 0.7, 0.8, 0.9, 1.0):
-                sweep.append(measure(args.tokens, args.features, block, density, args.repeats))
+            for density in args.sweep_densities:
+                row = measure(args.tokens, args.features, block, density, args.repeats)
+                sweep.append({**row, "path": "blocked (forced)"})
                 print(format_table(sweep[-1:]).splitlines()[-1], flush=True)
-        functional.DENSE_FALLBACK_DENSITY = saved
-        report += ["", "Blocked path forced at high density (fallback disabled):", "", format_table(sweep)]
+        functional.blocked_path_pays = dispatch_rule
+        report += [
+            "",
+            "Blocked path forced (the dispatch rule of hf_sdt.functional off), to see where it stops paying:",
+            "",
+            format_table(sweep),
+        ]
     command = "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     report += ["", f"Command: `{command}`"]
     print("\n".join(report))

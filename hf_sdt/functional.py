@@ -19,9 +19,15 @@ import torch.nn.functional as F
 from .config import BACKENDS
 from .masks import block_grid, expand_block_mask
 
-# Above this fraction of active elements the blocked CPU path no longer beats one dense GEMM on the masked weight
-# (fwd+bwd, measured by benchmarks/bench_blocked_cpu.py, see benchmarks/results/), so such layers run dense.
-DENSE_FALLBACK_DENSITY = 0.6
+# When the blocked path pays, as a cost model: blocked time ~ density / crossing x dense time + GEMMs x overhead.
+# `BLOCKED_CROSSING_DENSITY`: by the smaller block side, the density at which the blocked GEMMs alone take as long as
+# the dense one. Measured crossings at 2048 tokens x 4096 -> 4096 on a 2-core CPU were about 0.33 / 0.5 / 0.65 /
+# 0.75 for sides 16 / 32 / 64 / 128 (benchmarks/results/blocked_cpu.md); these values keep a margin below them.
+# Sides below 16 were not measured and always run dense.
+BLOCKED_CROSSING_DENSITY = ((128, 0.7), (64, 0.6), (32, 0.45), (16, 0.3))
+# The fixed cost of one blocked GEMM (gathers, dispatch), in dense multiply-adds: fitted to layers of 256-1024
+# features with 256-4096 tokens, where smaller layers lost to dense.
+BLOCKED_GEMM_OVERHEAD_MACS = 8e6
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,23 @@ def build_blocked_layout(mask: torch.Tensor, block: tuple[int, int], shape: tupl
     col_slabs = slabs(host_mask.t(), block[1], block[0], shape[1], shape[0])
     active_elements = sum((end - start) * idx.numel() for start, end, idx in row_slabs)
     return BlockedLayout(row_slabs, col_slabs, shape, active_elements / (shape[0] * shape[1]))
+
+
+def blocked_path_pays(layout: BlockedLayout, tokens: int, block: tuple[int, int]) -> bool:
+    """Whether the blocked PyTorch path beats one dense GEMM on the masked weight for this call (measured rule).
+
+    Example:
+        >>> layout = build_blocked_layout(torch.eye(64, dtype=torch.bool), (64, 64), (4096, 4096))
+        >>> blocked_path_pays(layout, 2048, (64, 64)), blocked_path_pays(layout, 8, (64, 64))
+        (True, False)
+    """
+    side = min(block)
+    crossing = next((density for min_side, density in BLOCKED_CROSSING_DENSITY if side >= min_side), 0.0)
+    if layout.density >= crossing:
+        return False
+    dense_macs = 3 * tokens * layout.shape[0] * layout.shape[1]  # forward, dX and dW
+    gemms = len(layout.row_slabs) + len(layout.col_slabs)
+    return dense_macs * (1 - layout.density / crossing) >= gemms * BLOCKED_GEMM_OVERHEAD_MACS
 
 
 def _slab_matmul(dense_t: torch.Tensor, slab_weights: list[torch.Tensor], slabs: tuple, out_features: int):
@@ -260,7 +283,7 @@ def sdt_linear(
         return reference_linear(x, weight, bias, mask, block)
     if layout is None:
         layout = build_layout(backend, mask, block, tuple(weight.shape))
-    if backend == "torch" and layout.density > DENSE_FALLBACK_DENSITY:
+    if backend == "torch" and not blocked_path_pays(layout, x.numel() // x.shape[-1], block):
         return reference_linear(x, weight, bias, mask, block)
     ops = TritonOps if backend == "triton" else BlockedTorchOps
     out = BlockSparseLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, ops, layout)  # (T, out)

@@ -9,12 +9,6 @@ SHAPES = [((100, 72), (32, 32)), ((64, 48), (16, 16)), ((50, 70), (16, 32)), ((2
 MASKS = ["random", "full", "single", "empty_lines"]
 
 
-@pytest.fixture(autouse=True)
-def blocked_path_at_every_density(monkeypatch):
-    # The blocked path itself is under test, so no layer may fall back to the dense GEMM.
-    monkeypatch.setattr(functional, "DENSE_FALLBACK_DENSITY", 1.0)
-
-
 def run(backend, x, weight, bias, mask, block):
     x = x.detach().requires_grad_()
     weight = weight.detach().requires_grad_()
@@ -27,7 +21,7 @@ def run(backend, x, weight, bias, mask, block):
 @pytest.mark.parametrize("shape,block", SHAPES)
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_blocked_matches_reference(shape, block, mask_kind, dtype, tol, block_mask_factory):
+def test_blocked_matches_reference(shape, block, mask_kind, dtype, tol, block_mask_factory, force_blocked_path):
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(37, shape[1], generator=generator).to(dtype)
     weight = torch.randn(shape, generator=generator).to(dtype)
@@ -56,14 +50,24 @@ def test_layout_lists_only_active_lines():
     assert layout.density == pytest.approx(4 * 16 / 400)
 
 
-def test_dense_fallback_above_threshold_gives_the_same_result(monkeypatch):
-    monkeypatch.setattr(functional, "DENSE_FALLBACK_DENSITY", 0.5)
-    x, weight = torch.randn(5, 32), torch.randn(32, 32)
-    mask = torch.ones(2, 2, dtype=torch.bool)
-    mask[0, 0] = False
-    torch.testing.assert_close(
-        sdt_linear(x, weight, None, mask, (16, 16), "torch"), reference_linear(x, weight, None, mask, (16, 16))
+def test_dispatch_rule_follows_density_block_side_and_work():
+    big = (4096, 4096)
+    quarter = build_blocked_layout(
+        torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.25, (64, 64), big
     )
+    assert functional.blocked_path_pays(quarter, 2048, (64, 64))
+    assert not functional.blocked_path_pays(quarter, 4, (64, 64)), "too little work per GEMM"
+    full = build_blocked_layout(torch.ones(64, 64, dtype=torch.bool), (64, 64), big)
+    assert not functional.blocked_path_pays(full, 2048, (64, 64)), "density 1 runs dense"
+    small_blocks = build_blocked_layout(torch.ones(512, 512, dtype=torch.bool).tril(), (8, 8), big)
+    assert not functional.blocked_path_pays(small_blocks, 2048, (8, 8)), "blocks below 16 run dense"
+
+
+def test_dense_fallback_gives_the_same_result():
+    x, weight = torch.randn(5, 32), torch.randn(32, 32)
+    mask = torch.tensor([[True, False], [False, True]])
+    got = sdt_linear(x, weight, None, mask, (16, 16), "torch")  # 5 tokens: far too little work, runs dense
+    torch.testing.assert_close(got, reference_linear(x, weight, None, mask, (16, 16)))
 
 
 def test_backend_resolution(monkeypatch):

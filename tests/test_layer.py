@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_sdt import SDTLinear, functional
+from hf_sdt import SDTLinear
 from hf_sdt.masks import expand_block_mask
 
 
@@ -33,8 +33,9 @@ def forward_backward(layer: SDTLinear, x: torch.Tensor):
 @pytest.mark.parametrize("lead", [(11,), (3, 5)])
 @pytest.mark.parametrize("mask_kind", ["random", "full", "single", "empty_lines"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_torch_backend_matches_reference(kind, bias, lead, mask_kind, dtype, tol, block_mask_factory, monkeypatch):
-    monkeypatch.setattr(functional, "DENSE_FALLBACK_DENSITY", 1.0)  # test the blocked path at every density
+def test_torch_backend_matches_reference(
+    kind, bias, lead, mask_kind, dtype, tol, block_mask_factory, force_blocked_path
+):
     in_features, out_features, block = 72, 100, (32, 32)
     mask = block_mask_factory(mask_kind, (out_features, in_features), block)
     fast = SDTLinear(make_base(kind, in_features, out_features, bias), block, mask, "torch").to(dtype)
