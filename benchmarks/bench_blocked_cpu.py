@@ -60,6 +60,14 @@ def measure(tokens: int, features: int, block: int, density: float, repeats: int
     }
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [
         "| block | density | dense fwd+bwd (ms) | SDT fwd+bwd (ms) | speed-up (dense / SDT) | path |",
@@ -85,7 +93,7 @@ def main() -> None:
         action="store_true",
         help="also time the blocked path, forced, at --sweep-densities to find where it stops paying",
     )
-    parser.add_argument("--sweep-densities", type=float, nargs="+", default=[0.35, 0.45, 0.55, 0.65, 0.75, 0.85])
+    parser.add_argument("--sweep-densities", type=float, nargs="+", default=[0.45, 0.55, 0.65, 0.75, 0.85, 1.0])
     parser.add_argument("--output", help="write the tables as markdown to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat: checks the script runs")
     args = parser.parse_args()
@@ -93,7 +101,7 @@ def main() -> None:
         args.tokens, args.features, args.blocks, args.densities, args.repeats = 64, 128, [32], [0.5], 1
 
     header = (
-        f"{datetime.date.today()} | {platform.processor() or platform.machine()} | {os.cpu_count()} CPUs | "
+        f"{datetime.date.today()} | {cpu_name()} | {os.cpu_count()} CPUs | "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads) | fp32 | "
         f"{args.tokens} tokens x {args.features} -> {args.features}, bias-free, median of {args.repeats}"
     )

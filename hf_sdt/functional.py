@@ -19,27 +19,28 @@ import torch.nn.functional as F
 from .config import BACKENDS
 from .masks import block_grid, expand_block_mask
 
-# When the blocked path pays, as a cost model: blocked time ~ density / crossing x dense time + GEMMs x overhead.
-# `BLOCKED_CROSSING_DENSITY`: by the smaller block side, the density at which the blocked GEMMs alone take as long as
-# the dense one. Measured crossings at 2048 tokens x 4096 -> 4096 on a 2-core CPU were about 0.33 / 0.5 / 0.65 /
-# 0.75 for sides 16 / 32 / 64 / 128 (benchmarks/results/blocked_cpu.md); these values keep a margin below them.
-# Sides below 16 were not measured and always run dense.
-BLOCKED_CROSSING_DENSITY = ((128, 0.7), (64, 0.6), (32, 0.45), (16, 0.3))
-# The fixed cost of one blocked GEMM (gathers, dispatch), in dense multiply-adds: fitted to layers of 256-1024
-# features with 256-4096 tokens, where smaller layers lost to dense.
-BLOCKED_GEMM_OVERHEAD_MACS = 8e6
+# When the blocked path pays, as a cost model fitted to measurements on a 2-core CPU (fp32, fwd+bwd):
+#   blocked time ~ density / efficiency x dense time + GEMM calls x overhead.
+# `BLOCKED_GEMM_EFFICIENCY`, by the smaller block side: the blocked GEMMs' throughput relative to one dense GEMM. The
+# blocked path stopped paying at densities of about 0.28 / 0.55 / 0.72 / 0.85 for sides 16 / 32 / 64 / 128 at
+# 2048 tokens x 4096 -> 4096 (benchmarks/results/blocked_cpu.md), the overhead term included. Sides below 16 were
+# not measured and always run dense.
+BLOCKED_GEMM_EFFICIENCY = ((128, 0.85), (64, 0.75), (32, 0.6), (16, 0.35))
+# The fixed cost of one GEMM call of the blocked path, in dense multiply-adds (about 6-16 us each, fitted to layers
+# of 256-1024 features with 256-4096 tokens).
+BLOCKED_GEMM_OVERHEAD_MACS = 1e6
 
 
 @dataclass(frozen=True)
 class BlockedLayout:
     """Where the active blocks of one layer are, in the form the blocked PyTorch path consumes.
 
-    `row_slabs` holds, for each block-row with active blocks, (first row, end row, element indices of the
-    active columns); `col_slabs` is the transposed view, per block-column, with element row indices.
-    `density` is the fraction of weight elements inside active blocks.
+    `blocks` lists each active block as (first row, end row, first column, end column), edge blocks cropped;
+    `col_slabs` holds, for each block-column with active blocks, (first column, end column, element indices of
+    the rows of its active blocks). `density` is the fraction of weight elements inside active blocks.
     """
 
-    row_slabs: tuple[tuple[int, int, torch.Tensor], ...]
+    blocks: tuple[tuple[int, int, int, int], ...]
     col_slabs: tuple[tuple[int, int, torch.Tensor], ...]
     shape: tuple[int, int]
     density: float
@@ -50,8 +51,8 @@ def build_blocked_layout(mask: torch.Tensor, block: tuple[int, int], shape: tupl
 
     Example:
         >>> layout = build_blocked_layout(torch.tensor([[True, False], [False, False]]), (2, 2), (4, 3))
-        >>> [(start, end, idx.tolist()) for start, end, idx in layout.row_slabs]
-        [(0, 2, [0, 1])]
+        >>> layout.blocks, [(start, end, idx.tolist()) for start, end, idx in layout.col_slabs]
+        (((0, 2, 0, 2),), [(0, 2, [0, 1])])
     """
     if tuple(mask.shape) != block_grid(shape, block):
         raise ValueError(
@@ -59,24 +60,20 @@ def build_blocked_layout(mask: torch.Tensor, block: tuple[int, int], shape: tupl
             f"blocks of {block}: expected {block_grid(shape, block)}."
         )
     host_mask = mask.detach().to("cpu", torch.bool)
-    device = mask.device
-
-    def slabs(grid: torch.Tensor, step: int, cross_step: int, length: int, cross_length: int):
-        offsets = torch.arange(cross_step)
-        result = []
-        for index, line in enumerate(grid):
-            active = line.nonzero().flatten()
-            if active.numel() == 0:
-                continue
-            elements = (active[:, None] * cross_step + offsets).flatten()
-            elements = elements[elements < cross_length].to(device)
-            result.append((index * step, min((index + 1) * step, length), elements))
-        return tuple(result)
-
-    row_slabs = slabs(host_mask, block[0], block[1], shape[0], shape[1])
-    col_slabs = slabs(host_mask.t(), block[1], block[0], shape[1], shape[0])
-    active_elements = sum((end - start) * idx.numel() for start, end, idx in row_slabs)
-    return BlockedLayout(row_slabs, col_slabs, shape, active_elements / (shape[0] * shape[1]))
+    blocks = tuple(
+        (r * block[0], min((r + 1) * block[0], shape[0]), c * block[1], min((c + 1) * block[1], shape[1]))
+        for r, c in host_mask.nonzero().tolist()
+    )
+    row_offsets = torch.arange(block[0])
+    col_slabs = []
+    for c, column in enumerate(host_mask.t()):
+        active_rows = column.nonzero().flatten()
+        if active_rows.numel():
+            rows = (active_rows[:, None] * block[0] + row_offsets).flatten()
+            rows = rows[rows < shape[0]].to(mask.device)
+            col_slabs.append((c * block[1], min((c + 1) * block[1], shape[1]), rows))
+    active_elements = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in blocks)
+    return BlockedLayout(blocks, tuple(col_slabs), shape, active_elements / (shape[0] * shape[1]))
 
 
 def blocked_path_pays(layout: BlockedLayout, tokens: int, block: tuple[int, int]) -> bool:
@@ -84,66 +81,47 @@ def blocked_path_pays(layout: BlockedLayout, tokens: int, block: tuple[int, int]
 
     Example:
         >>> layout = build_blocked_layout(torch.eye(64, dtype=torch.bool), (64, 64), (4096, 4096))
-        >>> blocked_path_pays(layout, 2048, (64, 64)), blocked_path_pays(layout, 8, (64, 64))
+        >>> blocked_path_pays(layout, 2048, (64, 64)), blocked_path_pays(layout, 1, (64, 64))
         (True, False)
     """
     side = min(block)
-    crossing = next((density for min_side, density in BLOCKED_CROSSING_DENSITY if side >= min_side), 0.0)
-    if layout.density >= crossing:
+    efficiency = next((value for min_side, value in BLOCKED_GEMM_EFFICIENCY if side >= min_side), 0.0)
+    if layout.density >= efficiency:
         return False
     dense_macs = 3 * tokens * layout.shape[0] * layout.shape[1]  # forward, dX and dW
-    gemms = len(layout.row_slabs) + len(layout.col_slabs)
-    return dense_macs * (1 - layout.density / crossing) >= gemms * BLOCKED_GEMM_OVERHEAD_MACS
-
-
-def _slab_matmul(dense_t: torch.Tensor, slab_weights: list[torch.Tensor], slabs: tuple, out_features: int):
-    """Dense (T, K), given transposed as `dense_t` (K, T), times a block-sparse (out_features, K) matrix, transposed.
-
-    The sparse matrix is given as slabs: rows start:end hold `slab_weights[i]` (end - start, n) at the columns
-    `idx` (n,). Gathering rows of the transposed activations is a plain memcpy, and each slab is one tall GEMM.
-    """
-    out = _slab_output(dense_t, dense_t.shape[1], out_features, slabs)  # (T, out_features)
-    gathered = _gather_buffer(dense_t, slabs)
-    for (start, end, idx), weight in zip(slabs, slab_weights, strict=True):
-        rows = torch.index_select(dense_t, 0, idx, out=gathered[: idx.numel()])  # (n, T)
-        torch.mm(rows.t(), weight.t(), out=out[:, start:end])
-    return out
-
-
-def _slab_output(like: torch.Tensor, tokens: int, features: int, slabs: tuple) -> torch.Tensor:
-    """A (tokens, features) result that the slabs fill; zeroed only where some block-line is empty."""
-    out = like.new_empty(tokens, features)
-    if sum(end - start for start, end, _ in slabs) < features:
-        out.zero_()
-    return out
-
-
-def _gather_buffer(dense_t: torch.Tensor, slabs: tuple) -> torch.Tensor:
-    """One buffer for every gather of a pass: a fresh large allocation per slab costs page faults, not copies."""
-    return dense_t.new_empty(max((idx.numel() for _, _, idx in slabs), default=0), dense_t.shape[1])
+    gemm_calls = 2 * len(layout.blocks) + len(layout.col_slabs)
+    return dense_macs * (1 - layout.density / efficiency) >= gemm_calls * BLOCKED_GEMM_OVERHEAD_MACS
 
 
 class BlockedTorchOps:
-    """The blocked PyTorch products on a `BlockedLayout`."""
+    """The blocked PyTorch products on a `BlockedLayout`.
+
+    Y and dX accumulate one GEMM per active block on strided views of the activations, with no gather or
+    transpose; dW runs one tall GEMM per block-column on gathered rows of dY^T, because a GEMM with a
+    block-sized output and a token-long reduction runs far below the CPU's peak.
+    """
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
-        row_weights = [weight[start:end].index_select(1, idx) for start, end, idx in layout.row_slabs]
-        return _slab_matmul(x.t().contiguous(), row_weights, layout.row_slabs, layout.shape[0])  # (T, out)
+        out = x.new_zeros(x.shape[0], layout.shape[0])  # (T, out)
+        for r0, r1, c0, c1 in layout.blocks:
+            out[:, r0:r1].addmm_(x[:, c0:c1], weight[r0:r1, c0:c1].t())
+        return out
 
     @staticmethod
     def backward(grad_out, x, weight, layout: BlockedLayout, need_x: bool, need_w: bool):
-        grad_out_t = grad_out.t().contiguous()  # (out, T)
-        grad_x = _slab_output(x, *x.shape, layout.col_slabs) if need_x else None  # (T, in)
-        grad_w = torch.zeros_like(weight) if need_w else None
-        # One pass over block-columns serves both gradients: the gathered rows of dY^T feed dX and dW alike.
-        gathered = _gather_buffer(grad_out_t, layout.col_slabs)
-        for start, end, idx in layout.col_slabs:
-            grad_out_rows = torch.index_select(grad_out_t, 0, idx, out=gathered[: idx.numel()])  # (m, T)
-            if need_x:
-                torch.mm(grad_out_rows.t(), weight[idx, start:end], out=grad_x[:, start:end])
-            if need_w:
-                grad_w[:, start:end].index_copy_(0, idx, grad_out_rows @ x[:, start:end])  # (m, T) @ (T, cols)
+        grad_x = grad_w = None
+        if need_x:
+            grad_x = grad_out.new_zeros(grad_out.shape[0], layout.shape[1])  # (T, in)
+            for r0, r1, c0, c1 in layout.blocks:
+                grad_x[:, c0:c1].addmm_(grad_out[:, r0:r1], weight[r0:r1, c0:c1])
+        if need_w:
+            grad_w = torch.zeros_like(weight)
+            grad_out_t = grad_out.t().contiguous()  # (out, T): gathering its rows is a plain memcpy
+            gathered = grad_out_t.new_empty(max((idx.numel() for *_, idx in layout.col_slabs), default=0), x.shape[0])
+            for c0, c1, idx in layout.col_slabs:
+                grad_out_rows = torch.index_select(grad_out_t, 0, idx, out=gathered[: idx.numel()])  # (m, T)
+                grad_w[:, c0:c1].index_copy_(0, idx, grad_out_rows @ x[:, c0:c1])  # (m, T) @ (T, cols)
         return grad_x, grad_w
 
 
@@ -281,12 +259,18 @@ def sdt_linear(
     backend = resolve_backend(backend, x.device, block)
     if backend == "reference":
         return reference_linear(x, weight, bias, mask, block)
+    if torch.is_autocast_enabled(x.device.type):
+        # Custom autograd Functions bypass autocast; cast as autocast casts F.linear's operands.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
     if layout is None:
         layout = build_layout(backend, mask, block, tuple(weight.shape))
     if backend == "torch" and not blocked_path_pays(layout, x.numel() // x.shape[-1], block):
         return reference_linear(x, weight, bias, mask, block)
     ops = TritonOps if backend == "triton" else BlockedTorchOps
-    out = BlockSparseLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, ops, layout)  # (T, out)
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (T, in), row-major so that column slices are BLAS operands
+    out = BlockSparseLinearFunction.apply(x2d, weight, ops, layout)  # (T, out)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])

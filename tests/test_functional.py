@@ -43,8 +43,7 @@ def test_layout_rejects_a_mask_of_the_wrong_shape():
 def test_layout_lists_only_active_lines():
     mask = torch.tensor([[False, False], [True, False]])
     layout = build_blocked_layout(mask, (16, 16), (20, 20))
-    assert [(start, end) for start, end, _ in layout.row_slabs] == [(16, 20)]
-    assert layout.row_slabs[0][2].tolist() == list(range(16))
+    assert layout.blocks == ((16, 20, 0, 16),)
     assert [(start, end) for start, end, _ in layout.col_slabs] == [(0, 16)]
     assert layout.col_slabs[0][2].tolist() == [16, 17, 18, 19]
     assert layout.density == pytest.approx(4 * 16 / 400)

@@ -88,3 +88,16 @@ def test_rebuilt_layout_gives_the_same_result_as_a_fresh_layer():
 def test_wrong_mask_shape_is_a_clear_error():
     with pytest.raises(ValueError, match=r"expected \(3, 2\)"):
         SDTLinear(make_base("linear", 32, 40, bias=True), (16, 16), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_autocast_runs_the_blocked_path_in_the_autocast_dtype(force_blocked_path):
+    fast = SDTLinear(make_base("linear", 64, 48, bias=True), (16, 16), torch.rand(3, 4) < 0.5, "torch")
+    oracle = copy.deepcopy(fast)
+    oracle.backend = "reference"
+    x = torch.randn(5, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = forward_backward(fast, x), forward_backward(oracle, x)
+    assert got[0].dtype == want[0].dtype == torch.bfloat16
+    assert fast.weight.grad.dtype == torch.float32
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
