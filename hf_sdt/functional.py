@@ -22,8 +22,8 @@ from .masks import block_grid, expand_block_mask
 # When the blocked path pays, as a cost model fitted to measurements on a 2-core CPU (fp32, fwd+bwd):
 #   blocked time ~ density / efficiency x dense time + GEMM calls x overhead.
 # `BLOCKED_GEMM_EFFICIENCY`, by the smaller block side: the blocked GEMMs' throughput relative to one dense GEMM. The
-# blocked path stopped paying at densities of about 0.28 / 0.55 / 0.72 / 0.85 for sides 16 / 32 / 64 / 128 at
-# 2048 tokens x 4096 -> 4096 (benchmarks/results/blocked_cpu.md), the overhead term included. Sides below 16 were
+# blocked path stopped paying at densities of about 0.28 / 0.52 / 0.72 / 0.85 for sides 16 / 32 / 64 / 128 at
+# 2048 tokens x 4096 -> 4096 (benchmarks/results/blocked_cpu*.md), the overhead term included. Sides below 16 were
 # not measured and always run dense.
 BLOCKED_GEMM_EFFICIENCY = ((128, 0.85), (64, 0.75), (32, 0.6), (16, 0.35))
 # The fixed cost of one GEMM call of the blocked path, in dense multiply-adds (about 6-16 us each, fitted to layers

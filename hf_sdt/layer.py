@@ -50,6 +50,9 @@ class SDTLinear(nn.Module):
         self._layout_key: tuple = ()  # (backend, mask, version) the cached layout was built for
         self._known_active: tuple = ()  # ((mask, version), active block count) recorded by update_mask_
         self.apply_mask_()
+        # A loaded checkpoint may hold values outside its mask; every backend ignores them, and zeroing them keeps
+        # the weights equal to what the layer computes with.
+        self.register_load_state_dict_post_hook(_apply_mask_after_load)
 
     @property
     def weight_out_in(self) -> torch.Tensor:
@@ -109,6 +112,10 @@ class SDTLinear(nn.Module):
             f"block_size={self.block_size}, active_blocks={int(self.sdt_mask.sum())}/{self.sdt_mask.numel()}, "
             f"backend={self.backend!r}"
         )
+
+
+def _apply_mask_after_load(module: SDTLinear, incompatible_keys) -> None:
+    module.apply_mask_()
 
 
 def _same_mask_state(state: tuple, mask: torch.Tensor) -> bool:

@@ -1,6 +1,8 @@
 """The Triton kernels against the masked-dense reference; on a CPU they run in Triton's interpreter."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +113,52 @@ def test_unsupported_block_is_a_clear_error():
     meta = kernels.build_block_metadata(torch.ones(1, 1, dtype=torch.bool), 1)
     with pytest.raises(ValueError, match="powers of two"):
         kernels.block_sparse_forward(torch.randn(4, 24), torch.randn(24, 24), meta, (24, 24))
+
+
+AOT_COMPILE = r"""
+import sys
+from triton.backends.compiler import GPUTarget
+from triton.runtime import Autotuner
+from triton.compiler import ASTSource, compile
+from hf_sdt.kernels import block_sparse as kernels
+
+dtype, block, split = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+index_pointers = {"row_offsets_ptr", "block_cols_ptr", "col_offsets_ptr", "csc_rows_ptr", "block_rows_ptr"}
+constants = {"BLOCK_N": block, "BLOCK_K": block, "BLOCK_T": 128, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
+             "SPLIT": split}
+for kernel in (kernels._forward_kernel, kernels._grad_input_kernel, kernels._grad_weight_kernel,
+               kernels._sum_partials_kernel):
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    signature = {}
+    for index, name in enumerate(fn.arg_names):
+        if index in fn.constexprs:
+            signature[name] = "constexpr"
+        elif name == "partial_ptr":
+            signature[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32" if name in index_pointers else "*" + dtype
+        else:
+            signature[name] = "i32"
+    source = ASTSource(fn, signature, constexprs={k: v for k, v in constants.items() if k in fn.arg_names})
+    compiled = compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 3})
+    if dtype != "fp32" and fn.__name__ != "_sum_partials_kernel":  # fp32 "ieee" dots run on FMA units
+        assert "wgmma" in compiled.asm["ptx"], f"{fn.__name__} does not use Hopper's tensor-core instructions"
+    print(fn.__name__, "shared bytes:", compiled.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,block,split", [("bf16", 128, 1), ("bf16", 64, 4), ("fp32", 64, 1)])
+def test_kernels_compile_for_hopper(dtype, block, split):
+    """The interpreter does not compile; this builds every kernel for sm_90 (Hopper) with Triton's own ptxas."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run(
+        [sys.executable, "-c", AOT_COMPILE, dtype, str(block), str(split)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("shared bytes") == 4

@@ -1,4 +1,5 @@
 import copy
+import pickle
 
 import pytest
 import torch
@@ -101,3 +102,18 @@ def test_autocast_runs_the_blocked_path_in_the_autocast_dtype(force_blocked_path
     assert fast.weight.grad.dtype == torch.float32
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
+
+
+def test_loading_a_state_dict_restores_the_mask_and_zeros():
+    layer = SDTLinear(make_base("linear", 32, 32, bias=True), (16, 16), torch.eye(2, dtype=torch.bool), "torch")
+    state = {key: value.clone() for key, value in layer.state_dict().items()}
+    state["weight"] = torch.ones(32, 32)
+    state["sdt_mask"] = torch.tensor([[False, True], [True, True]])
+    layer.load_state_dict(state)
+    assert torch.equal(layer.sdt_mask, state["sdt_mask"])
+    assert (layer.weight[:16, :16] == 0).all() and (layer.weight[:16, 16:] == 1).all()
+    assert layer.layout("torch").density == pytest.approx(0.75), "the layout follows the loaded mask"
+    restored = pickle.loads(pickle.dumps(layer))  # torch.save(model) pickles the hook too
+    torch.testing.assert_close(restored(torch.ones(2, 32)), layer(torch.ones(2, 32)))
+    with pytest.raises(RuntimeError, match="sdt_mask"):
+        layer.load_state_dict({**state, "sdt_mask": torch.ones(3, 2, dtype=torch.bool)})
