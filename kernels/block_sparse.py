@@ -3,8 +3,8 @@
 Three products, each touching only the active blocks and accumulating in fp32:
 
 - forward  Y  = X W^T: one program per (token tile, block-row), walking that row's active blocks (block-CSR);
-- backward dX = dY W: one program per (token tile, block-column), walking that column's active blocks through
-  a transposed index (CSC) that points at the same weight memory, so no atomics and no copies of values;
+- backward dX = dY W = dY (W^T)^T: the same kernel on the transposed weight (a strided view), walking each
+  block-column's active blocks through the transposed index (CSC): no atomics and no copies of values;
 - backward dW = dY^T X at the active blocks only (SDD): one program per (active block, token split); with few
   active blocks the token reduction is split and fp32 partials are summed by a second kernel.
 
@@ -79,12 +79,13 @@ def build_block_metadata(mask: torch.Tensor, n_active: int) -> BlockMetadata:
 
 @triton.autotune(configs=CONFIGS, key=TUNING_KEY)
 @triton.jit
-def _forward_kernel(
+def _dense_sparse_t_kernel(
     x_ptr, w_ptr, y_ptr, row_offsets_ptr, block_cols_ptr,
     T, OUT, IN, T_BUCKET, DENSITY_BUCKET,
     stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_yn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
+    """Y (T, OUT) = X (T, IN) @ W^T for W (OUT, IN) in block-CSR: one program per (token tile, block-row)."""
     pid_t = tl.program_id(0)
     block_row = tl.program_id(1)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -109,41 +110,6 @@ def _forward_kernel(
         y_ptr + offs_t[:, None] * stride_yt + offs_n[None, :] * stride_yn,
         acc.to(y_ptr.dtype.element_ty),
         mask=(offs_t[:, None] < T) & (offs_n[None, :] < OUT),
-    )
-
-
-@triton.autotune(configs=CONFIGS, key=TUNING_KEY)
-@triton.jit
-def _grad_input_kernel(
-    dy_ptr, w_ptr, dx_ptr, col_offsets_ptr, csc_rows_ptr,
-    T, OUT, IN, T_BUCKET, DENSITY_BUCKET,
-    stride_dyt, stride_dyn, stride_wn, stride_wk, stride_dxt, stride_dxk,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    pid_t = tl.program_id(0)
-    block_col = tl.program_id(1)
-    offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-    offs_k = (block_col * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    start = tl.load(col_offsets_ptr + block_col)
-    end = tl.load(col_offsets_ptr + block_col + 1)
-    for i in range(start, end):
-        offs_n = tl.load(csc_rows_ptr + i).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-        dy = tl.load(
-            dy_ptr + offs_t[:, None] * stride_dyt + offs_n[None, :] * stride_dyn,
-            mask=(offs_t[:, None] < T) & (offs_n[None, :] < OUT),
-            other=0.0,
-        )  # (BLOCK_T, BLOCK_N)
-        w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-            mask=(offs_n[:, None] < OUT) & (offs_k[None, :] < IN),
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_K)
-        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
-    tl.store(
-        dx_ptr + offs_t[:, None] * stride_dxt + offs_k[None, :] * stride_dxk,
-        acc.to(dx_ptr.dtype.element_ty),
-        mask=(offs_t[:, None] < T) & (offs_k[None, :] < IN),
     )
 
 
@@ -217,13 +183,14 @@ def supports_block(block: tuple[int, int]) -> bool:
     return all(size >= 16 and size & (size - 1) == 0 for size in block)
 
 
-def _launch_args(x: torch.Tensor, weight: torch.Tensor, meta: BlockMetadata, block: tuple[int, int]) -> dict:
-    """Checks shapes and returns the arguments every product kernel shares."""
+def _launch_args(
+    x: torch.Tensor, weight: torch.Tensor, n_active: int, grid: tuple[int, int], block: tuple[int, int]
+) -> dict:
+    """Checks shapes and returns the arguments every product kernel shares (`grid`: block-rows, block-columns)."""
     if not supports_block(block):
         raise ValueError(f"The Triton kernels need block sides that are powers of two >= 16, got {block}.")
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(f"Expected 2-D tensors, got {tuple(x.shape)} and {tuple(weight.shape)}.")
-    n_blocks = (meta.row_offsets.numel() - 1) * (meta.col_offsets.numel() - 1)
     # fp32 follows PyTorch's own matmul setting, so the kernels agree with F.linear on the same inputs.
     tf32 = x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
     return {
@@ -231,11 +198,33 @@ def _launch_args(x: torch.Tensor, weight: torch.Tensor, meta: BlockMetadata, blo
         "OUT": weight.shape[0],
         "IN": weight.shape[1],
         "T_BUCKET": triton.next_power_of_2(max(x.shape[0], 1)),
-        "DENSITY_BUCKET": round(20 * meta.block_rows.numel() / n_blocks),
+        "DENSITY_BUCKET": round(20 * n_active / (grid[0] * grid[1])),
         "BLOCK_N": block[0],
         "BLOCK_K": block[1],
         "PRECISION": "tf32" if tf32 else "ieee",
     }
+
+
+def _dense_sparse_t(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    row_offsets: torch.Tensor,
+    block_cols: torch.Tensor,
+    block: tuple[int, int],
+) -> torch.Tensor:
+    """x (T, in) @ weight^T for a block-sparse weight (out, in) given in block-CSR."""
+    grid = (row_offsets.numel() - 1, triton.cdiv(weight.shape[1], block[1]))
+    args = _launch_args(x, weight, block_cols.numel(), grid, block)
+    if x.shape[1] != args["IN"]:
+        raise ValueError(f"The input has {x.shape[1]} features but the weight expects {args['IN']}.")
+    y = x.new_empty(args["T"], args["OUT"])
+    launch_grid = lambda config: (triton.cdiv(args["T"], config["BLOCK_T"]), grid[0])  # noqa: E731
+    _dense_sparse_t_kernel[launch_grid](
+        x, weight, y, row_offsets, block_cols,
+        stride_xt=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        stride_yt=y.stride(0), stride_yn=y.stride(1), **args,
+    )  # fmt: skip
+    return y
 
 
 def block_sparse_forward(
@@ -247,35 +236,17 @@ def block_sparse_forward(
         >>> x, weight, mask = torch.randn(8, 32), torch.randn(16, 32), torch.tensor([[True, False]])
         >>> y = block_sparse_forward(x, weight, build_block_metadata(mask, 1), (16, 16))  # doctest: +SKIP
     """
-    args = _launch_args(x, weight, meta, block)
-    if x.shape[1] != args["IN"]:
-        raise ValueError(f"x has {x.shape[1]} features but the weight expects {args['IN']}.")
-    y = x.new_empty(args["T"], args["OUT"])
-    grid = lambda config: (triton.cdiv(args["T"], config["BLOCK_T"]), meta.row_offsets.numel() - 1)  # noqa: E731
-    _forward_kernel[grid](
-        x, weight, y, meta.row_offsets, meta.block_cols,
-        stride_xt=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-        stride_yt=y.stride(0), stride_yn=y.stride(1), **args,
-    )  # fmt: skip
-    return y
+    return _dense_sparse_t(x, weight, meta.row_offsets, meta.block_cols, block)
 
 
 def block_sparse_grad_input(
     grad_out: torch.Tensor, weight: torch.Tensor, meta: BlockMetadata, block: tuple[int, int]
 ) -> torch.Tensor:
-    """dX (T, in) = grad_out (T, out) @ weight, reading only the active blocks of `weight` (out, in)."""
-    args = _launch_args(grad_out, weight, meta, block)
-    if grad_out.shape[1] != args["OUT"]:
-        raise ValueError(f"grad_out has {grad_out.shape[1]} features but the weight has {args['OUT']} rows.")
-    grad_x = grad_out.new_empty(args["T"], args["IN"])
-    grid = lambda config: (triton.cdiv(args["T"], config["BLOCK_T"]), meta.col_offsets.numel() - 1)  # noqa: E731
-    _grad_input_kernel[grid](
-        grad_out, weight, grad_x, meta.col_offsets, meta.csc_rows,
-        stride_dyt=grad_out.stride(0), stride_dyn=grad_out.stride(1),
-        stride_wn=weight.stride(0), stride_wk=weight.stride(1),
-        stride_dxt=grad_x.stride(0), stride_dxk=grad_x.stride(1), **args,
-    )  # fmt: skip
-    return grad_x
+    """dX (T, in) = grad_out (T, out) @ weight, reading only the active blocks of `weight` (out, in).
+
+    It is the forward product on the transposed weight: a strided view, whose block-CSR is the mask's CSC.
+    """
+    return _dense_sparse_t(grad_out, weight.t(), meta.col_offsets, meta.csc_rows, (block[1], block[0]))
 
 
 def block_sparse_grad_weight(
@@ -291,8 +262,8 @@ def block_sparse_grad_weight(
     When there are fewer active blocks than `target_programs` (default: two waves of the GPU's SMs), the token
     reduction is split and fp32 partials are summed by a second kernel, which keeps the result deterministic.
     """
-    args = _launch_args(x, weight, meta, block)
     n_active = meta.block_rows.numel()
+    args = _launch_args(x, weight, n_active, (meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1), block)
     grad_w = torch.zeros_like(weight)
     if n_active == 0:
         return grad_w
