@@ -11,6 +11,10 @@ from typing import Any
 CONFIG_NAME = "sdt_config.json"
 ALL_LINEAR = "all-linear"
 BACKENDS = ("auto", "triton", "torch", "reference")
+SCHEDULES = ("cubic", "linear", "constant")
+PRUNE_CRITERIA = ("magnitude", "taylor", "wanda")
+GROW_CRITERIA = ("gradient", "random")
+DISTRIBUTIONS = ("uniform", "erk", "global")
 
 
 @dataclass
@@ -29,7 +33,7 @@ class SDTConfig:
         exclude_modules (`list[str]` or `str`, *optional*):
             Modules never to sparsify, with the same matching rules as `target_modules`.
         density (`float`, defaults to 0.25):
-            Final fraction of active blocks in each targeted layer, in (0, 1]. Each layer keeps exactly
+            Final fraction of active blocks, in (0, 1]. With the uniform distribution each layer keeps exactly
             `max(1, round(density * n_blocks))` blocks.
         block_size (`int` or `tuple[int, int]`, defaults to 64):
             Block shape (rows, cols) in the (out, in) weight layout; an int means square blocks. Larger blocks run
@@ -40,6 +44,37 @@ class SDTConfig:
             when it is installed, the blocked PyTorch path otherwise).
         seed (`int`, defaults to 0):
             Seed of every random choice SDT makes (tie-breaking in the initial mask, random growth).
+        initial_density (`float`, defaults to 1.0):
+            Density of the mask that `get_sdt_model` builds, from which the schedule goes down to `density`. 1.0
+            starts dense and prunes gradually, which loses least from a pretrained model (the fine-tuning default);
+            set it to `density` to train sparse from the first step (the from-scratch setting).
+        schedule (`str`, defaults to `"cubic"`):
+            How the density goes from `initial_density` to `density` between `schedule_start` and `schedule_end`:
+            `"cubic"` (Zhu & Gupta's gradual pruning: fast at first, while the network can recover), `"linear"`, or
+            `"constant"` (`density` from the first step on).
+        schedule_start (`float`, defaults to 0.0):
+            Fraction of the training steps at which the density starts to fall.
+        schedule_end (`float`, defaults to 0.5):
+            Fraction of the training steps at which `density` is reached; the rest of training recovers at it.
+        update_interval (`int`, defaults to 100):
+            Steps between drop/grow topology updates (RigL's 100: enough steps for grown blocks to prove useful).
+        drop_fraction (`float`, defaults to 0.3):
+            Fraction of each layer's active blocks replaced at the first update, decayed with a cosine to 0 at
+            `update_end` (RigL's 0.3).
+        update_end (`float`, defaults to 0.75):
+            Fraction of the training steps after which the topology is frozen (RigL's 75%), so the final network
+            trains on a fixed structure.
+        prune_criterion (`str`, defaults to `"magnitude"`):
+            Block score for dropping and pruning: `"magnitude"` (Frobenius norm, free), `"taylor"` (|w * g| summed
+            between updates) or `"wanda"` (|w| times the input-feature norm, tracked in the forward pass; strong for
+            pretrained models).
+        grow_criterion (`str`, defaults to `"gradient"`):
+            How blocks are grown: `"gradient"` (RigL: largest dense-gradient block norm, computed on update steps
+            only) or `"random"` (SET).
+        distribution (`str`, defaults to `"uniform"`):
+            How the density is spread over layers: `"uniform"` (every layer at `density`: predictable savings),
+            `"erk"` (Erdos-Renyi-Kernel: small layers denser, often more accurate but more FLOPs) or `"global"`
+            (block scores compared across layers).
 
     Example:
     >>> from hf_sdt import SDTConfig
@@ -75,6 +110,29 @@ class SDTConfig:
         default=0,
         metadata={"help": "Seed of SDT's random choices (mask tie-breaking, random growth)."},
     )
+    initial_density: float = field(
+        default=1.0,
+        metadata={
+            "help": "Density at conversion, >= density: 1.0 starts dense (fine-tuning), = density starts sparse."
+        },
+    )
+    schedule: str = field(default="cubic", metadata={"help": f"Density schedule, one of {SCHEDULES}."})
+    schedule_start: float = field(
+        default=0.0, metadata={"help": "Fraction of training steps at which the density starts to fall."}
+    )
+    schedule_end: float = field(
+        default=0.5, metadata={"help": "Fraction of training steps at which the final density is reached."}
+    )
+    update_interval: int = field(default=100, metadata={"help": "Steps between drop/grow topology updates."})
+    drop_fraction: float = field(
+        default=0.3, metadata={"help": "Fraction of active blocks replaced at the first update (cosine decay)."}
+    )
+    update_end: float = field(
+        default=0.75, metadata={"help": "Fraction of training steps after which the topology is frozen."}
+    )
+    prune_criterion: str = field(default="magnitude", metadata={"help": f"Block score, one of {PRUNE_CRITERIA}."})
+    grow_criterion: str = field(default="gradient", metadata={"help": f"Growth rule, one of {GROW_CRITERIA}."})
+    distribution: str = field(default="uniform", metadata={"help": f"Density over layers, one of {DISTRIBUTIONS}."})
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, list):
@@ -98,8 +156,33 @@ class SDTConfig:
                 raise ValueError(
                     f"SDTConfig.block_size must be a positive int or a pair of positive ints, got {self.block_size!r}."
                 )
-        if self.backend not in BACKENDS:
-            raise ValueError(f"SDTConfig.backend must be one of {BACKENDS}, got {self.backend!r}.")
+        for name, choices in (
+            ("backend", BACKENDS),
+            ("schedule", SCHEDULES),
+            ("prune_criterion", PRUNE_CRITERIA),
+            ("grow_criterion", GROW_CRITERIA),
+            ("distribution", DISTRIBUTIONS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"SDTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}.")
+        if not self.density <= self.initial_density <= 1:
+            raise ValueError(
+                f"SDTConfig.initial_density must be in [density, 1] = [{self.density}, 1], got {self.initial_density}"
+                ": the schedule only prunes. Use 1.0 to start dense or the density itself to start sparse."
+            )
+        for name in ("schedule_start", "schedule_end", "update_end", "drop_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"SDTConfig.{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.schedule_start > self.schedule_end:
+            raise ValueError(
+                f"SDTConfig.schedule_start ({self.schedule_start}) must not exceed schedule_end ({self.schedule_end})."
+            )
+        if (
+            isinstance(self.update_interval, bool)
+            or not isinstance(self.update_interval, int)
+            or self.update_interval < 1
+        ):
+            raise ValueError(f"SDTConfig.update_interval must be a positive int, got {self.update_interval!r}.")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if name == "target_modules" and value is None:

@@ -186,6 +186,32 @@ def _kernels():
     return block_sparse
 
 
+def dense_grad_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    block: tuple[int, int],
+    on_dense_grad,
+) -> torch.Tensor:
+    """The reference product, handing the dense weight gradient dY^T X (every block, active or not) to
+    `on_dense_grad` during backward; the weight itself still gets the masked gradient. Used on the steps whose
+    topology update grows blocks by gradient (RigL).
+
+    Example:
+        >>> x, w, grads = torch.randn(3, 4), torch.randn(2, 4, requires_grad=True), []
+        >>> y = dense_grad_linear(x, w, None, torch.tensor([[True, False]]), (2, 2), grads.append)
+        >>> y.sum().backward()
+        >>> bool(grads[0][:, 2:].abs().sum() > 0), bool(w.grad[:, 2:].abs().sum() == 0)
+        (True, True)
+    """
+    element_mask = expand_block_mask(mask, block, tuple(weight.shape))
+    masked_weight = weight * element_mask.to(weight.dtype)
+    if masked_weight.requires_grad:
+        masked_weight.register_hook(on_dense_grad)
+    return F.linear(x, masked_weight, bias)
+
+
 def triton_available(device: torch.device) -> bool:
     """Whether the Triton kernels can run on `device`: triton imports, and the device is CUDA (or, for tests, the
     CPU under `TRITON_INTERPRET=1`)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import build_layout, resolve_backend, sdt_linear
+from .functional import build_layout, dense_grad_linear, resolve_backend, sdt_linear
 from .masks import block_grid, expand_block_mask, masked_fraction
 
 
@@ -49,6 +49,11 @@ class SDTLinear(nn.Module):
         self._layout = None
         self._layout_key: tuple = ()  # (backend, mask, version) the cached layout was built for
         self._known_active: tuple = ()  # ((mask, version), active block count) recorded by update_mask_
+        # Set by the SDT controller around topology updates (see hf_sdt.trainer), not saved with the model:
+        self.capture_dense_grad = False  # next backward also hands over the dense weight gradient
+        self.track_input_norms = False  # forward accumulates squared input-feature norms (Wanda scores)
+        self.dense_grad: torch.Tensor | None = None  # (out, in), fp32, summed over micro-batches
+        self.input_sq_norm: torch.Tensor | None = None  # (in,), fp32
         self.apply_mask_()
         # A loaded checkpoint may hold values outside its mask; every backend ignores them, and zeroing them keeps
         # the weights equal to what the layer computes with.
@@ -94,9 +99,20 @@ class SDTLinear(nn.Module):
         self.weight_out_in.mul_(element_mask.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        if self.track_input_norms and self.training:
+            squares = x.detach().float().square().reshape(-1, self.in_features).sum(0)  # (in,)
+            self.input_sq_norm = squares if self.input_sq_norm is None else self.input_sq_norm + squares
+        if self.capture_dense_grad and torch.is_grad_enabled():
+            return dense_grad_linear(
+                x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self._accumulate_dense_grad
+            )
         backend = resolve_backend(self.backend, x.device, self.block_size)
         layout = None if backend == "reference" else self.layout(backend)
         return sdt_linear(x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, backend, layout)
+
+    def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
+        grad = grad.detach().float()
+        self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad
 
     def unload(self) -> nn.Module:
         """The original layer class with this layer's current parameters (zeros included)."""

@@ -79,6 +79,22 @@ def expand_block_mask(mask: torch.Tensor, block: tuple[int, int], shape: tuple[i
     return expanded[: shape[0], : shape[1]]
 
 
+def block_element_counts(block: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor:
+    """Number of matrix elements in each block (fewer at partial edges), shape of the block mask, int64.
+
+    Example:
+        >>> block_element_counts((2, 2), (3, 3))
+        tensor([[4, 2],
+                [2, 1]])
+    """
+    rows, cols = block_grid(shape, block)
+    row_sizes = torch.full((rows,), block[0], dtype=torch.int64)
+    col_sizes = torch.full((cols,), block[1], dtype=torch.int64)
+    row_sizes[-1] = shape[0] - (rows - 1) * block[0]
+    col_sizes[-1] = shape[1] - (cols - 1) * block[1]
+    return row_sizes[:, None] * col_sizes[None, :]
+
+
 def masked_fraction(mask: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> float:
     """Fraction of the elements of a (out, in) matrix that lie in active blocks (partial edge blocks count less).
 
@@ -86,10 +102,4 @@ def masked_fraction(mask: torch.Tensor, block: tuple[int, int], shape: tuple[int
         >>> masked_fraction(torch.tensor([[True, False]]), (2, 2), (2, 3))
         0.6666666666666666
     """
-    rows, cols = block_grid(shape, block)
-    row_sizes = torch.full((rows,), block[0], dtype=torch.int64)
-    col_sizes = torch.full((cols,), block[1], dtype=torch.int64)
-    row_sizes[-1] = shape[0] - (rows - 1) * block[0]
-    col_sizes[-1] = shape[1] - (cols - 1) * block[1]
-    active = (row_sizes[:, None] * col_sizes[None, :])[mask.cpu()].sum()
-    return active.item() / (shape[0] * shape[1])
+    return block_element_counts(block, shape)[mask.cpu()].sum().item() / (shape[0] * shape[1])

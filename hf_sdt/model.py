@@ -13,7 +13,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, SDTConfig
 from .layer import SDTLinear
-from .masks import active_block_count, block_norms, topk_block_mask
+from .masks import block_element_counts, block_norms, topk_block_mask
+from .schedule import initial_density, target_block_counts
+from .topology import global_block_counts
 
 logger = logging.getLogger(__name__)
 
@@ -83,14 +85,16 @@ def _check_not_tied(model: nn.Module, name: str, layer: nn.Module) -> None:
 def get_sdt_model(model: nn.Module, config: SDTConfig) -> nn.Module:
     """Swap every targeted layer of `model` for an `SDTLinear` in place and return the same model object.
 
-    The initial mask of each layer keeps its `max(1, round(density * n_blocks))` blocks of largest Frobenius norm
-    (so a pretrained model loses as little as possible); the other weights are set to exactly zero. The config is
+    The initial mask keeps the blocks of largest Frobenius norm (so a pretrained model loses as little as
+    possible) at the schedule's starting density (`initial_density`, or `density` with `schedule="constant"`),
+    spread over layers by `distribution`: with `"uniform"` each layer keeps exactly `max(1, round(d * n_blocks))`
+    blocks. The other weights are set to exactly zero. The config is
     stored as a dict in `model.config.sdt_config`, so it survives `save_pretrained`.
 
     Example:
     >>> from transformers import GPT2Config, GPT2LMHeadModel
     >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2))
-    >>> model = get_sdt_model(model, SDTConfig(density=0.5, block_size=16))
+    >>> model = get_sdt_model(model, SDTConfig(density=0.5, block_size=16, schedule="constant"))
     >>> round(sparsity_summary(model)["density"], 2)
     0.5
     """
@@ -100,17 +104,25 @@ def get_sdt_model(model: nn.Module, config: SDTConfig) -> nn.Module:
             "to convert it again with another config."
         )
     targets = find_target_modules(model, config)
-    generator = torch.Generator().manual_seed(config.seed)
     block = config.block_shape
-    for name in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        layer = getattr(parent, child_name)
+    layers = [model.get_submodule(name) for name in targets]
+    for name, layer in zip(targets, layers, strict=True):
         _check_not_tied(model, name, layer)
-        weight_out_in = layer.weight if isinstance(layer, nn.Linear) else layer.weight.t()
-        scores = block_norms(weight_out_in, block)
-        mask = topk_block_mask(scores, active_block_count(config.density, scores.numel()), generator)
-        setattr(parent, child_name, SDTLinear(layer, block, mask, config.backend))
+    weights = [layer.weight if isinstance(layer, nn.Linear) else layer.weight.t() for layer in layers]  # (out, in)
+    scores = [block_norms(weight, block) for weight in weights]
+    shapes = [tuple(weight.shape) for weight in weights]
+    density = initial_density(config)
+    if config.distribution == "global":
+        total = max(len(layers), round(density * sum(score.numel() for score in scores)))
+        candidates = [torch.ones_like(score, dtype=torch.bool) for score in scores]
+        counts = global_block_counts(scores, candidates, [block_element_counts(block, s) for s in shapes], total)
+    else:
+        counts = target_block_counts(shapes, block, density, config.distribution)
+    generator = torch.Generator().manual_seed(config.seed)
+    for name, layer, score, count in zip(targets, layers, scores, counts, strict=True):
+        parent_name, _, child_name = name.rpartition(".")
+        mask = topk_block_mask(score, count, generator)
+        setattr(model.get_submodule(parent_name), child_name, SDTLinear(layer, block, mask, config.backend))
     if hasattr(model, "config"):
         model.config.sdt_config = config.to_dict()
     return model
@@ -149,7 +161,7 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2))
-        >>> model = get_sdt_model(model, SDTConfig(density=0.5, block_size=32))
+        >>> model = get_sdt_model(model, SDTConfig(density=0.5, block_size=32, schedule="constant"))
         >>> sparsity_summary(model)["layers"][0]["active_blocks"]
         6
     """

@@ -100,7 +100,9 @@ def masked_dense_copy(original: nn.Module, converted: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_converted_model_equals_masked_dense_copy(arch):
     original = build(arch)
-    model = get_sdt_model(copy.deepcopy(original), SDTConfig(density=0.5, block_size=16, backend="torch"))
+    model = get_sdt_model(
+        copy.deepcopy(original), SDTConfig(density=0.5, initial_density=0.5, block_size=16, backend="torch")
+    )
     layers = sdt_layers(model)
     assert layers, "all-linear must find linear layers"
     assert type(model) is type(original)
@@ -118,7 +120,7 @@ def test_converted_model_equals_masked_dense_copy(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
 def test_optimizer_steps_keep_inactive_weights_zero(arch):
-    model = get_sdt_model(build(arch), SDTConfig(density=0.25, block_size=16))
+    model = get_sdt_model(build(arch), SDTConfig(density=0.25, schedule="constant", block_size=16))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -139,7 +141,7 @@ def test_initial_mask_keeps_the_largest_blocks():
     with torch.no_grad():
         model[0].weight.fill_(0.01)
         model[0].weight[16:, :16] = 5.0
-    get_sdt_model(model, SDTConfig(target_modules=["0"], density=0.25, block_size=16))
+    get_sdt_model(model, SDTConfig(target_modules=["0"], density=0.25, schedule="constant", block_size=16))
     assert model[0].sdt_mask.tolist() == [[False, False], [True, False]]
 
 
@@ -176,7 +178,7 @@ def test_converting_twice_is_refused():
 
 def test_unload_restores_original_classes_with_zeros():
     original = build("gpt2")
-    model = get_sdt_model(copy.deepcopy(original), SDTConfig(density=0.5, block_size=16))
+    model = get_sdt_model(copy.deepcopy(original), SDTConfig(density=0.5, schedule="constant", block_size=16))
     ids = torch.randint(0, VOCAB, (1, 8))
     expected = logits(model, ids)
     unload(model)
@@ -188,7 +190,7 @@ def test_unload_restores_original_classes_with_zeros():
 
 
 def test_sparsity_summary(capsys):
-    model = get_sdt_model(build("gpt2"), SDTConfig(density=0.25, block_size=16))
+    model = get_sdt_model(build("gpt2"), SDTConfig(density=0.25, schedule="constant", block_size=16))
     summary = sparsity_summary(model)
     assert len(summary["layers"]) == 8
     active = sum(layer["density"] * layer["shape"][0] * layer["shape"][1] for layer in summary["layers"])
