@@ -1,0 +1,220 @@
+import importlib.resources
+import math
+import warnings
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
+
+from hf_sdt import SDTConfig, get_sdt_model, sdt_layers
+from hf_sdt.masks import expand_block_mask
+from hf_sdt.schedule import density_at, target_block_counts
+from hf_sdt.trainer import SDT_STATE_NAME, SDTController, SDTTrainer
+
+TEXT = (importlib.resources.files("hf_sdt") / "data" / "pride_and_prejudice_excerpt.txt").read_bytes()
+
+
+class ByteChunks(torch.utils.data.Dataset):
+    """Byte-level language modelling on a public-domain novel: 64-token chunks, no tokenizer to download."""
+
+    def __init__(self, data: bytes = TEXT, length: int = 64):
+        ids = torch.tensor(list(data), dtype=torch.long)
+        self.chunks = ids[: len(ids) // length * length].view(-1, length)
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.chunks[index], "labels": self.chunks[index]}
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+
+
+def make_config(**overrides) -> SDTConfig:
+    values = {
+        "density": 0.25,
+        "block_size": 16,
+        "schedule_end": 0.4,
+        "update_interval": 5,
+        "update_end": 0.6,
+        **overrides,
+    }
+    return SDTConfig(**values)
+
+
+def training_args(output_dir, max_steps=40, **overrides) -> TrainingArguments:
+    values = {
+        "max_steps": max_steps,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 3e-3,
+        "logging_steps": 1,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+        **overrides,
+    }
+    return TrainingArguments(str(output_dir), **values)
+
+
+def layer_shapes(model):
+    return [(layer.out_features, layer.in_features) for layer in sdt_layers(model).values()]
+
+
+class CountsFollowTheSchedule(TrainerCallback):
+    """Checks after every optimizer step that each layer holds exactly the schedule's count of blocks."""
+
+    def __init__(self, config: SDTConfig):
+        self.config = config
+        self.checked = 0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        expected = target_block_counts(
+            layer_shapes(model),
+            self.config.block_shape,
+            density_at(state.global_step - 1, state.max_steps, self.config),
+            self.config.distribution,
+        )
+        assert [int(layer.sdt_mask.sum()) for layer in sdt_layers(model).values()] == expected
+        self.checked += 1
+
+
+def assert_zero_outside_masks(model, optimizer):
+    for name, layer in sdt_layers(model).items():
+        inactive = ~expand_block_mask(layer.sdt_mask, layer.block_size, (layer.out_features, layer.in_features))
+        if layer.is_conv1d:
+            inactive = inactive.t()
+        assert (layer.weight[inactive] == 0).all(), name
+        for key, value in optimizer.state[layer.weight].items():
+            if isinstance(value, torch.Tensor) and value.shape == layer.weight.shape:
+                assert (value[inactive] == 0).all(), f"{name}: optimizer state {key} of inactive blocks"
+
+
+def test_sdt_trainer_on_real_text(tmp_path):
+    config = make_config()
+    checker = CountsFollowTheSchedule(config)
+    trainer = SDTTrainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path),
+        train_dataset=ByteChunks(),
+        sdt_config=config,
+        callbacks=[checker],
+    )
+    trainer.train()
+    assert checker.checked == 40
+    logs = [entry for entry in trainer.state.log_history if "sdt/density" in entry]
+    assert len(logs) == 40
+    assert logs[0]["sdt/density"] > 0.9 and logs[-1]["sdt/density"] == pytest.approx(0.25, abs=0.02)
+    # Updates at steps 5, 10, 15, 20; at 20 the decayed drop fraction (0.02) rounds to no block in these small layers.
+    for entry in logs:
+        step = entry["step"] - 1
+        if step in (5, 10, 15):
+            assert entry["sdt/churn"] > 0, f"step {step} should have changed blocks"
+        if step >= 24:
+            assert entry["sdt/churn"] == 0.0, "the topology is frozen after update_end"
+    assert 0 < logs[-1]["sdt/linear_flops_saved"] < 1
+    first, last = logs[0]["loss"], sum(entry["loss"] for entry in logs[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    assert_zero_outside_masks(trainer.model, trainer.optimizer)
+
+
+def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
+    config = make_config(grow_criterion="random", schedule_end=0.3)
+    full = SDTTrainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path / "full", max_steps=30, save_strategy="steps", save_steps=15),
+        train_dataset=ByteChunks(),
+        sdt_config=config,
+    )
+    full.train()
+    checkpoint = tmp_path / "full" / "checkpoint-15"
+    assert (checkpoint / SDT_STATE_NAME).is_file()
+    resumed = SDTTrainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path / "resumed", max_steps=30),
+        train_dataset=ByteChunks(),
+        sdt_config=config,
+    )
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = full.model.state_dict(), resumed.model.state_dict()
+    for key in expected:
+        if key.endswith("sdt_mask"):
+            assert torch.equal(expected[key], got[key]), key
+        else:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert resumed.sdt_callback.controller.steps_done == 30
+
+
+def run_plain_loop(config: SDTConfig, steps: int, poison_step: int | None = None):
+    """A plain PyTorch loop with the controller; returns the model, controller, optimizer, per-step layer counts and
+    per-step churn."""
+    model = get_sdt_model(tiny_gpt2(), config)
+    controller = SDTController(model, config, total_steps=steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    data = ByteChunks()
+    counts, churns = [], []
+    for step in range(steps):
+        controller.begin_step(step)
+        batch = torch.stack([data[(step * 4 + i) % len(data)]["input_ids"] for i in range(4)])
+        model(input_ids=batch, labels=batch).loss.backward()
+        if step == poison_step:
+            next(iter(sdt_layers(model).values())).weight.grad.fill_(float("nan"))
+        controller.before_optimizer_step(optimizer)
+        if step == poison_step:
+            optimizer.zero_grad()  # keep the NaN out of the weights: the test is about the scores
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.after_optimizer_step()
+        counts.append([int(layer.sdt_mask.sum()) for layer in sdt_layers(model).values()])
+        churns.append(controller.churn)
+    return model, controller, optimizer, counts, churns
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"prune_criterion": "wanda", "grow_criterion": "gradient"},
+        {"prune_criterion": "taylor", "grow_criterion": "random", "distribution": "erk"},
+        {"prune_criterion": "magnitude", "schedule": "linear", "distribution": "global"},
+    ],
+)
+def test_controller_criteria_and_distributions(overrides):
+    config = make_config(**overrides)
+    model, _, optimizer, counts, churns = run_plain_loop(config, 20)
+    shapes = layer_shapes(model)
+    blocks_total = sum(layer.sdt_mask.numel() for layer in sdt_layers(model).values())
+    for step, step_counts in enumerate(counts):
+        density = density_at(step, 20, config)
+        if config.distribution == "global":
+            assert sum(step_counts) == max(len(shapes), round(density * blocks_total))
+        else:
+            assert step_counts == target_block_counts(shapes, config.block_shape, density, config.distribution)
+    assert max(churns) > 0
+    assert_zero_outside_masks(model, optimizer)
+
+
+def test_non_finite_scores_skip_the_update_and_training_goes_on():
+    config = make_config(prune_criterion="taylor", schedule="constant")
+    _, clean_controller, _, clean_counts, _ = run_plain_loop(config, 12)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, controller, optimizer, counts, _ = run_plain_loop(config, 12, poison_step=5)
+    messages = [str(w.message) for w in caught if "non-finite scores" in str(w.message)]
+    assert len(messages) == 1 and "step 5" in messages[0]
+    assert controller.skipped_updates >= 1 and clean_controller.skipped_updates == 0
+    assert counts[-1] == clean_counts[-1]
+    assert all(math.isfinite(float(p.detach().sum())) for p in model.parameters())
+    assert_zero_outside_masks(model, optimizer)
+
+
+def test_trainer_takes_a_converted_model_and_refuses_ambiguity(tmp_path):
+    config = make_config()
+    model = get_sdt_model(tiny_gpt2(), config)
+    trainer = SDTTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=ByteChunks())
+    assert trainer.sdt_config == config
+    with pytest.raises(ValueError, match="sdt_config"):
+        SDTTrainer(model=tiny_gpt2(), args=training_args(tmp_path, max_steps=1))
