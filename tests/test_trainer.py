@@ -1,64 +1,20 @@
-import importlib.resources
 import math
+import os
+import socket
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
+from sdt_helpers import ByteChunks, make_config, tiny_gpt2, train_and_save_state, training_args
+from transformers import TrainerCallback
 
 from hf_sdt import SDTConfig, get_sdt_model, sdt_layers
 from hf_sdt.masks import expand_block_mask
 from hf_sdt.schedule import density_at, target_block_counts
 from hf_sdt.trainer import SDT_STATE_NAME, SDTController, SDTTrainer
-
-TEXT = (importlib.resources.files("hf_sdt") / "data" / "pride_and_prejudice_excerpt.txt").read_bytes()
-
-
-class ByteChunks(torch.utils.data.Dataset):
-    """Byte-level language modelling on a public-domain novel: 64-token chunks, no tokenizer to download."""
-
-    def __init__(self, data: bytes = TEXT, length: int = 64):
-        ids = torch.tensor(list(data), dtype=torch.long)
-        self.chunks = ids[: len(ids) // length * length].view(-1, length)
-
-    def __len__(self):
-        return len(self.chunks)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.chunks[index], "labels": self.chunks[index]}
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64))
-
-
-def make_config(**overrides) -> SDTConfig:
-    values = {
-        "density": 0.25,
-        "block_size": 16,
-        "schedule_end": 0.4,
-        "update_interval": 5,
-        "update_end": 0.6,
-        **overrides,
-    }
-    return SDTConfig(**values)
-
-
-def training_args(output_dir, max_steps=40, **overrides) -> TrainingArguments:
-    values = {
-        "max_steps": max_steps,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 3e-3,
-        "logging_steps": 1,
-        "report_to": [],
-        "use_cpu": True,
-        "save_strategy": "no",
-        "seed": 0,
-        "disable_tqdm": True,
-        **overrides,
-    }
-    return TrainingArguments(str(output_dir), **values)
 
 
 def layer_shapes(model):
@@ -218,3 +174,31 @@ def test_trainer_takes_a_converted_model_and_refuses_ambiguity(tmp_path):
     assert trainer.sdt_config == config
     with pytest.raises(ValueError, match="sdt_config"):
         SDTTrainer(model=tiny_gpt2(), args=training_args(tmp_path, max_steps=1))
+
+
+@pytest.mark.slow
+def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
+    """2 CPU processes (gloo) through `accelerate launch`, against one process with the same global batch."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        str(Path(__file__).parent / "ddp_train.py"), str(tmp_path), "4",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    train_and_save_state(str(tmp_path), batch_size=8)  # the same global batch in one process
+    rank0, rank1, single = (
+        torch.load(tmp_path / name) for name in ("world2_rank0.pt", "world2_rank1.pt", "world1_rank0.pt")
+    )
+    masks = [key for key in single if key.endswith("sdt_mask")]
+    assert masks
+    for key in single:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+        if key in masks:
+            assert torch.equal(rank0[key], single[key]), f"{key}: 2 processes and 1 process chose different blocks"
+        else:
+            torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-5, msg=key)

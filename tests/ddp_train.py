@@ -1,0 +1,8 @@
+"""Worker for the 2-process test: `accelerate launch ... tests/ddp_train.py OUTPUT_DIR BATCH_SIZE`."""
+
+import sys
+
+from sdt_helpers import train_and_save_state
+
+if __name__ == "__main__":
+    train_and_save_state(sys.argv[1], int(sys.argv[2]))

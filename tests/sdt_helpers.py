@@ -1,0 +1,79 @@
+"""Shared by the trainer tests and the 2-process worker script: a tiny GPT-2 on a public-domain novel."""
+
+import importlib.resources
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+from hf_sdt import SDTConfig
+from hf_sdt.trainer import SDTTrainer
+
+TEXT = (importlib.resources.files("hf_sdt") / "data" / "pride_and_prejudice_excerpt.txt").read_bytes()
+
+
+class ByteChunks(torch.utils.data.Dataset):
+    """Byte-level language modelling on a public-domain novel: 64-token chunks, no tokenizer to download."""
+
+    def __init__(self, data: bytes = TEXT, length: int = 64):
+        ids = torch.tensor(list(data), dtype=torch.long)
+        self.chunks = ids[: len(ids) // length * length].view(-1, length)
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.chunks[index], "labels": self.chunks[index]}
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0  # runs with different batch splits must agree
+    return GPT2LMHeadModel(config)
+
+
+def make_config(**overrides) -> SDTConfig:
+    values = {
+        "density": 0.25,
+        "block_size": 16,
+        "schedule_end": 0.4,
+        "update_interval": 5,
+        "update_end": 0.6,
+        **overrides,
+    }
+    return SDTConfig(**values)
+
+
+def training_args(output_dir, max_steps=40, **overrides) -> TrainingArguments:
+    values = {
+        "max_steps": max_steps,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 3e-3,
+        "logging_steps": 1,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+        **overrides,
+    }
+    return TrainingArguments(str(output_dir), **values)
+
+
+def train_and_save_state(output_dir: str, batch_size: int) -> None:
+    """Train with SDTTrainer (12 steps, gradient growth), then save this rank's state dict as
+    `world{W}_rank{R}.pt` in `output_dir`."""
+    import torch.distributed as dist
+
+    config = make_config(grow_criterion="gradient", schedule_end=0.3, update_interval=3)
+    trainer = SDTTrainer(
+        model=tiny_gpt2(),
+        args=training_args(f"{output_dir}/run", max_steps=12, per_device_train_batch_size=batch_size),
+        train_dataset=ByteChunks(),
+        sdt_config=config,
+    )
+    trainer.train()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    state = {key: value.detach().clone() for key, value in trainer.model.state_dict().items()}
+    torch.save(state, f"{output_dir}/world{world}_rank{rank}.pt")
