@@ -76,7 +76,8 @@ class SDTController:
         self.steps_done = 0
         self.churn = 0.0
         self.update_seconds = 0.0
-        self.total_update_seconds = 0.0
+        self.total_update_seconds = 0.0  # in mask changes (pruning to the schedule, drop/grow)
+        self.total_seconds = 0.0  # in every call of this controller, the per-step mask application included
         self.skipped_updates = 0
         self._warned_non_finite = False
         self._target_density: float | None = None
@@ -113,10 +114,12 @@ class SDTController:
             self.total_update_seconds += seconds
             if updating:
                 self.update_seconds = seconds
+        self.total_seconds += time.perf_counter() - start
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Zero the weights outside the masks (whatever the optimizer did) and count this step's FLOPs."""
+        start = time.perf_counter()
         for layer in self.layers.values():
             layer.apply_mask_()
         dense_step = any(layer.capture_dense_grad for layer in self.layers.values())
@@ -125,6 +128,7 @@ class SDTController:
         for layer in self.layers.values():
             layer.capture_dense_grad = False
             layer.dense_grad = None
+        self.total_seconds += time.perf_counter() - start
 
     # -- metrics and state --------------------------------------------------------------------------------------
 
@@ -163,6 +167,7 @@ class SDTController:
             "steps_done": self.steps_done,
             "churn": self.churn,
             "total_update_seconds": self.total_update_seconds,
+            "total_seconds": self.total_seconds,
             "skipped_updates": self.skipped_updates,
         }
 
@@ -180,6 +185,7 @@ class SDTController:
         self.steps_done = state["steps_done"]
         self.churn = state["churn"]
         self.total_update_seconds = state["total_update_seconds"]
+        self.total_seconds = state["total_seconds"]
         self.skipped_updates = state["skipped_updates"]
 
     # -- internals ----------------------------------------------------------------------------------------------

@@ -1,28 +1,11 @@
 """Shared by the trainer tests and the 2-process worker script: a tiny GPT-2 on a public-domain novel."""
 
-import importlib.resources
-
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from hf_sdt import SDTConfig
+from hf_sdt.demo_data import ByteChunks
 from hf_sdt.trainer import SDTTrainer
-
-TEXT = (importlib.resources.files("hf_sdt") / "data" / "pride_and_prejudice_excerpt.txt").read_bytes()
-
-
-class ByteChunks(torch.utils.data.Dataset):
-    """Byte-level language modelling on a public-domain novel: 64-token chunks, no tokenizer to download."""
-
-    def __init__(self, data: bytes = TEXT, length: int = 64):
-        ids = torch.tensor(list(data), dtype=torch.long)
-        self.chunks = ids[: len(ids) // length * length].view(-1, length)
-
-    def __len__(self):
-        return len(self.chunks)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.chunks[index], "labels": self.chunks[index]}
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:

@@ -36,6 +36,12 @@ def test_gpu_kernel_benchmark_smoke_under_the_interpreter(tmp_path):
     assert "rel. error Y" in text and "SDT Triton (ms)" in text
 
 
+def test_update_overhead_benchmark_smoke(tmp_path):
+    output = tmp_path / "table.md"
+    run_script("benchmarks/bench_update_overhead.py", "--smoke", "--output", str(output))
+    assert "topology changes" in output.read_text()
+
+
 @pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", "scripts/install.sh", ".ci/run"])
 def test_shell_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
