@@ -95,8 +95,8 @@ class SDTLinear(nn.Module):
     @torch.no_grad()
     def apply_mask_(self) -> None:
         """Set every weight outside the active blocks to exactly zero."""
-        element_mask = expand_block_mask(self.sdt_mask, self.block_size, (self.out_features, self.in_features))
-        self.weight_out_in.mul_(element_mask.to(self.weight.dtype))
+        inactive = expand_block_mask(~self.sdt_mask, self.block_size, (self.out_features, self.in_features))
+        self.weight_out_in.masked_fill_(inactive, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         if self.track_input_norms and self.training:
