@@ -8,8 +8,8 @@ from .trainer import SDTCallback, SDTController, SDTTrainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "SDTConfig",
     "SDTCallback",
+    "SDTConfig",
     "SDTController",
     "SDTLinear",
     "SDTTrainer",
