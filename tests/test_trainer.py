@@ -202,3 +202,30 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
             assert torch.equal(rank0[key], single[key]), f"{key}: 2 processes and 1 process chose different blocks"
         else:
             torch.testing.assert_close(rank0[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"gradient_accumulation_steps": 2},
+        {"max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 64},
+        {"bf16": True},
+        {"gradient_checkpointing": True},
+    ],
+    ids=["grad-accumulation", "epochs", "bf16", "grad-checkpointing"],
+)
+def test_trainer_variants(tmp_path, overrides):
+    config = make_config(update_interval=2, prune_criterion="wanda")
+    checker = CountsFollowTheSchedule(config)
+    trainer = SDTTrainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path, max_steps=overrides.pop("max_steps", 10), **overrides),
+        train_dataset=ByteChunks(),
+        sdt_config=config,
+        callbacks=[checker],
+    )
+    result = trainer.train()
+    assert checker.checked == trainer.state.max_steps > 0
+    assert math.isfinite(result.training_loss)
+    assert max(entry.get("sdt/churn", 0) for entry in trainer.state.log_history) > 0
+    assert_zero_outside_masks(trainer.model, trainer.optimizer)
