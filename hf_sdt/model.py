@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, SDTConfig
 from .layer import SDTLinear
-from .masks import block_element_counts, block_norms, topk_block_mask
+from .masks import block_element_counts, block_grid, block_norms, topk_block_mask
 from .schedule import initial_density, target_block_counts
 from .topology import global_block_counts
 
@@ -82,7 +82,7 @@ def _check_not_tied(model: nn.Module, name: str, layer: nn.Module) -> None:
         )
 
 
-def get_sdt_model(model: nn.Module, config: SDTConfig) -> nn.Module:
+def get_sdt_model(model: nn.Module, config: SDTConfig, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """Swap every targeted layer of `model` for an `SDTLinear` in place and return the same model object.
 
     The initial mask keeps the blocks of largest Frobenius norm (so a pretrained model loses as little as
@@ -90,6 +90,9 @@ def get_sdt_model(model: nn.Module, config: SDTConfig) -> nn.Module:
     spread over layers by `distribution`: with `"uniform"` each layer keeps exactly `max(1, round(d * n_blocks))`
     blocks. The other weights are set to exactly zero. The config is
     stored as a dict in `model.config.sdt_config`, so it survives `save_pretrained`.
+
+    `masks` (layer name -> block mask) restores saved masks instead, as `hf_sdt.from_pretrained` does; their
+    names must be exactly the targeted layers and their shapes must fit the weights.
 
     Example:
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -109,23 +112,49 @@ def get_sdt_model(model: nn.Module, config: SDTConfig) -> nn.Module:
     for name, layer in zip(targets, layers, strict=True):
         _check_not_tied(model, name, layer)
     weights = [layer.weight if isinstance(layer, nn.Linear) else layer.weight.t() for layer in layers]  # (out, in)
-    scores = [block_norms(weight, block) for weight in weights]
     shapes = [tuple(weight.shape) for weight in weights]
-    density = initial_density(config)
-    if config.distribution == "global":
-        total = max(len(layers), round(density * sum(score.numel() for score in scores)))
-        candidates = [torch.ones_like(score, dtype=torch.bool) for score in scores]
-        counts = global_block_counts(scores, candidates, [block_element_counts(block, s) for s in shapes], total)
+    if masks is not None:
+        _check_saved_masks(masks, targets, shapes, block)
+        chosen = [masks[name].bool() for name in targets]
     else:
-        counts = target_block_counts(shapes, block, density, config.distribution)
-    generator = torch.Generator().manual_seed(config.seed)
-    for name, layer, score, count in zip(targets, layers, scores, counts, strict=True):
+        chosen = _initial_masks(weights, config)
+    for name, layer, mask in zip(targets, layers, chosen, strict=True):
         parent_name, _, child_name = name.rpartition(".")
-        mask = topk_block_mask(score, count, generator)
         setattr(model.get_submodule(parent_name), child_name, SDTLinear(layer, block, mask, config.backend))
     if hasattr(model, "config"):
         model.config.sdt_config = config.to_dict()
     return model
+
+
+def _initial_masks(weights: list[torch.Tensor], config: SDTConfig) -> list[torch.Tensor]:
+    """The largest-norm blocks of each (out, in) weight at the schedule's starting density and distribution."""
+    block = config.block_shape
+    scores = [block_norms(weight, block) for weight in weights]
+    shapes = [tuple(weight.shape) for weight in weights]
+    if config.distribution == "global":
+        total = max(len(weights), round(initial_density(config) * sum(score.numel() for score in scores)))
+        candidates = [torch.ones_like(score, dtype=torch.bool) for score in scores]
+        counts = global_block_counts(scores, candidates, [block_element_counts(block, s) for s in shapes], total)
+    else:
+        counts = target_block_counts(shapes, block, initial_density(config), config.distribution)
+    generator = torch.Generator().manual_seed(config.seed)
+    return [topk_block_mask(score, count, generator) for score, count in zip(scores, counts, strict=True)]
+
+
+def _check_saved_masks(masks: dict[str, torch.Tensor], targets: list[str], shapes: list, block) -> None:
+    missing, unexpected = sorted(set(targets) - set(masks)), sorted(set(masks) - set(targets))
+    if missing or unexpected:
+        raise ValueError(
+            f"The saved masks do not match the layers the SDT config targets: missing masks for {missing[:5]}, "
+            f"masks for layers it does not target {unexpected[:5]}. Was the checkpoint saved from this model class "
+            "with this sdt_config?"
+        )
+    for name, shape in zip(targets, shapes, strict=True):
+        if tuple(masks[name].shape) != block_grid(shape, block):
+            raise ValueError(
+                f"The saved mask of layer {name!r} has shape {tuple(masks[name].shape)}, but its {shape[0]} x "
+                f"{shape[1]} weight with blocks of {block} needs {block_grid(shape, block)}."
+            )
 
 
 def sdt_layers(model: nn.Module) -> dict[str, SDTLinear]:
