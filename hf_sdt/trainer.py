@@ -393,6 +393,32 @@ class SDTTrainer(Trainer):
             logs.update(controller.metrics())
         super().log(logs, start_time)
 
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, **kwargs) -> None:
+        """Write hf_sdt's card (summary table, density chart, mask picture) instead of Trainer's generic one."""
+        if not self.is_world_process_zero():
+            return
+        from .hub import card_metrics_from_log, write_model_card
+
+        controller = self.sdt_callback.controller
+        runtime = next((e["train_runtime"] for e in reversed(self.state.log_history) if "train_runtime" in e), None)
+        source = getattr(self.model.config, "_name_or_path", "")
+        base_model = kwargs.get("finetuned_from") or (source if source and not os.path.exists(source) else None)
+        write_model_card(
+            self.model,
+            self.args.output_dir,
+            repo_id=self.hub_model_id if self.args.push_to_hub else model_name,
+            base_model=base_model,
+            datasets=dataset_name,
+            metrics=card_metrics_from_log(self.state.log_history),
+            training_seconds=runtime,
+            flops_saved=controller.metrics()["sdt/linear_flops_saved"] if controller else None,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Refresh the SDT card in the output folder, so that every intermediate push carries the current one."""
+        self.create_model_card()
+        super()._push_from_checkpoint(checkpoint_folder)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Also read the SDT state saved beside the checkpoint's weights."""
         super()._load_from_checkpoint(resume_from_checkpoint, model)

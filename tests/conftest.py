@@ -1,5 +1,9 @@
+import os
+from urllib.parse import urlparse
+
 import pytest
 import torch
+from hub_server import serve
 
 from hf_sdt.masks import block_grid
 
@@ -33,3 +37,11 @@ def force_blocked_path(monkeypatch):
 @pytest.fixture
 def block_mask_factory():
     return make_block_mask
+
+
+@pytest.fixture(scope="session")
+def hub_server():
+    """A local Hub (see hub_server.py) at the HF_ENDPOINT the root conftest set; yields its in-memory state."""
+    server, state = serve(urlparse(os.environ["HF_ENDPOINT"]).port)
+    yield state
+    server.shutdown()

@@ -1,0 +1,149 @@
+import os
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
+from sdt_helpers import ByteChunks, make_config, tiny_gpt2, training_args
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from hf_sdt import SDTConfig, SDTTrainer, get_sdt_model, hub, sdt_layers
+
+IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def odd_sdt_model(density=0.25) -> GPT2LMHeadModel:
+    """A GPT-2 whose widths (80, 240, 320) are not multiples of the 32-block: partial edge blocks everywhere."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=80, n_layer=2, n_head=4, n_positions=32))
+    return get_sdt_model(model, SDTConfig(density=density, block_size=32, schedule="constant")).eval()
+
+
+def assert_same_model(got, want):
+    assert sorted(sdt_layers(got)) == sorted(sdt_layers(want))
+    for name, layer in sdt_layers(want).items():
+        assert torch.equal(sdt_layers(got)[name].sdt_mask, layer.sdt_mask), name
+    torch.testing.assert_close(got(IDS).logits, want(IDS).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_round_trip_is_exact(tmp_path, packed):
+    model = odd_sdt_model()
+    hub.save_pretrained(model, tmp_path, packed=packed)
+    loaded = hub.from_pretrained(str(tmp_path))
+    assert_same_model(loaded, model)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert loaded.config.sdt_config == model.config.sdt_config
+
+
+def test_vanilla_transformers_loads_the_dense_format(tmp_path):
+    model = odd_sdt_model()
+    hub.save_pretrained(model, tmp_path)
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert not sdt_layers(vanilla)
+    torch.testing.assert_close(vanilla(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5])
+def test_packed_size_scales_with_density(tmp_path, density):
+    model = odd_sdt_model(density)
+    hub.save_pretrained(model, tmp_path, packed=True)
+    tensors = load_file(tmp_path / hub.PACKED_WEIGHTS_NAME)
+    packed_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith(hub.ACTIVE_SUFFIX))
+    layers = sdt_layers(model).values()
+    dense_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
+    weighted_density = sum(layer.density * layer.weight.numel() for layer in layers) / sum(
+        layer.weight.numel() for layer in layers
+    )
+    # `density` is the fraction of weight elements in active blocks (partial edge blocks count for less).
+    assert packed_bytes <= weighted_density * dense_bytes + 0.02 * dense_bytes
+
+
+def test_checkpoint_without_sdt_metadata_says_how_to_convert(tmp_path):
+    tiny_gpt2().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="get_sdt_model"):
+        hub.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_mismatched_mask_names_the_layer(tmp_path, packed):
+    hub.save_pretrained(odd_sdt_model(), tmp_path, packed=packed)
+    path = tmp_path / (hub.PACKED_WEIGHTS_NAME if packed else "model.safetensors")
+    tensors = load_file(path)
+    tensors["transformer.h.1.mlp.c_fc.sdt_mask"] = torch.ones(5, 5, dtype=torch.bool)
+    save_file(tensors, path, metadata={"format": hub.PACKED_FORMAT if packed else "pt"})
+    with pytest.raises(ValueError, match=r"'transformer.h.1.mlp.c_fc' has shape \(5, 5\)"):
+        hub.from_pretrained(str(tmp_path))
+
+
+def test_corrupt_packed_values_name_the_layer(tmp_path):
+    hub.save_pretrained(odd_sdt_model(), tmp_path, packed=True)
+    path = tmp_path / hub.PACKED_WEIGHTS_NAME
+    tensors = load_file(path)
+    key = "transformer.h.0.attn.c_proj" + hub.ACTIVE_SUFFIX
+    tensors[key] = tensors[key][:-3]
+    save_file(tensors, path, metadata={"format": hub.PACKED_FORMAT})
+    with pytest.raises(ValueError, match=r"'transformer\.h\.0\.attn\.c_proj' should store"):
+        hub.from_pretrained(str(tmp_path))
+
+
+def test_unreachable_repo_suggests_a_local_path():
+    with pytest.raises(OSError, match="local folder"):
+        hub.from_pretrained("nobody/does-not-exist")
+
+
+def test_card_has_metadata_table_and_pictures(tmp_path):
+    model = odd_sdt_model()
+    hub.write_model_card(model, tmp_path, repo_id="me/odd", base_model="gpt2", metrics={"eval_loss": 2.5})
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "hf_sdt" and {"sdt", "sparse"} <= set(card.data.tags)
+    assert card.data.base_model == "gpt2"
+    for image in hub.CARD_IMAGES:
+        assert f"]({image})" in card.text
+        assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| eval_loss | 2.5 |" in card.text and "| training wall time | not measured |" in card.text
+    assert "hf_sdt.from_pretrained" in card.text and "AutoModel.from_pretrained" in card.text
+
+
+def test_push_and_load_through_the_hub(hub_server):
+    model = odd_sdt_model()
+    hub.push_to_hub(model, "test-user/odd-dense", base_model="gpt2", datasets=["austen"])
+    hub.push_to_hub(model, "test-user/odd-packed", packed=True)
+    assert_same_model(hub.from_pretrained("test-user/odd-dense"), model)
+    assert_same_model(hub.from_pretrained("test-user/odd-packed"), model)
+    vanilla = AutoModelForCausalLM.from_pretrained("test-user/odd-dense").eval()
+    torch.testing.assert_close(vanilla(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
+    packed_card = ModelCard.load("test-user/odd-packed")
+    assert "cannot read" in packed_card.text
+    _, files = hub_server.files("test-user/odd-packed")
+    assert hub.PACKED_WEIGHTS_NAME in files and "model.safetensors" not in files
+
+
+def test_trainer_pushes_during_and_after_training(tmp_path, hub_server):
+    args = training_args(
+        tmp_path / "run",
+        max_steps=6,
+        push_to_hub=True,
+        hub_model_id="test-user/trained",
+        hub_strategy="every_save",
+        save_strategy="steps",
+        save_steps=3,
+    )
+    trainer = SDTTrainer(
+        model=tiny_gpt2(), args=args, train_dataset=ByteChunks(), sdt_config=make_config(update_interval=2)
+    )
+    trainer.train()
+    trainer.push_to_hub()
+    commits = hub_server.repos["test-user/trained"]
+    assert len(commits) >= 3, "intermediate pushes and the final one"
+    _, files = hub_server.files("test-user/trained")
+    assert {"README.md", "config.json", "model.safetensors", *hub.CARD_IMAGES} <= set(files)
+    card = ModelCard.load("test-user/trained")
+    assert "sdt" in card.data.tags
+    assert "not measured" not in card.text.split("| linear FLOPs saved")[1].split("\n")[0]
+    trained = trainer.model.eval()
+    assert_same_model(hub.from_pretrained("test-user/trained"), trained)
+    vanilla = AutoModelForCausalLM.from_pretrained("test-user/trained").eval()
+    torch.testing.assert_close(vanilla(IDS).logits, trained(IDS).logits, rtol=1e-5, atol=1e-5)
+    assert os.path.isfile(tmp_path / "run" / "README.md")
