@@ -6,7 +6,8 @@ import importlib.resources
 
 import torch
 
-EXCERPT = "pride_and_prejudice_excerpt.txt"
+NOVEL = "pride_and_prejudice.txt"
+EXCERPT_BYTES = 65536
 
 
 def novel_excerpt() -> bytes:
@@ -16,7 +17,7 @@ def novel_excerpt() -> bytes:
         >>> novel_excerpt()[:19]
         b'PRIDE AND PREJUDICE'
     """
-    return (importlib.resources.files("hf_sdt") / "data" / EXCERPT).read_bytes()
+    return (importlib.resources.files("hf_sdt.data") / NOVEL).read_bytes()[:EXCERPT_BYTES]
 
 
 class ByteChunks(torch.utils.data.Dataset):

@@ -1,7 +1,11 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig
+
+import hf_sdt
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "recipes" / "accelerate").glob("*.yaml"))
 
@@ -18,3 +22,34 @@ def test_accelerate_reads_the_config(path):
         assert config.distributed_type == "MULTI_GPU" and config.num_processes > 1
     if path.stem == "multi_node":
         assert config.num_machines == 2
+
+
+def tiny_bert(folder: Path, words: list[str]) -> None:
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words))]
+    BertTokenizerFast(vocab={token: index for index, token in enumerate(tokens)}).save_pretrained(folder)
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(folder)
+
+
+def test_classification_recipe_trains_a_sparse_encoder(tmp_path):
+    rows = [("happy joyful glad", "pos"), ("sad gloomy bad", "neg")] * 32
+    data = tmp_path / "train.csv"
+    data.write_text("text,label\n" + "\n".join(f"{text},{label}" for text, label in rows) + "\n")
+    tiny_bert(tmp_path / "bert", [word for text, _ in rows for word in text.split()])
+    script = Path(__file__).resolve().parents[1] / "recipes" / "finetune_classification.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--model_name_or_path", str(tmp_path / "bert"), "--train_file", str(data),
+         "--validation_file", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "40",
+         "--learning_rate", "1e-3", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
+         "--density", "0.5", "--block_size", "16", "--update_interval", "4"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = float(result.stdout.split("'eval_accuracy': ")[1].split(",")[0])
+    assert accuracy >= 0.9, result.stdout[-500:]
+    model = hf_sdt.from_pretrained(str(tmp_path / "out"))
+    names = set(hf_sdt.sdt_layers(model))
+    assert names and not any("classifier" in name for name in names), "the head stays dense"

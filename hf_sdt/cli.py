@@ -1,0 +1,170 @@
+"""The `hf-sdt` command: `demo` (the built-in main job), `train`, `summary` and `push`.
+
+hf-sdt demo                                   # SDT vs dense on a public-domain novel, a few minutes on a CPU
+hf-sdt train recipes/configs/tiny.yaml --density 0.1 --max_steps 50
+accelerate launch -m hf_sdt.cli train recipes/configs/tiny.yaml     # the same under accelerate (DDP)
+hf-sdt summary out/sdt                        # per-layer density table of a checkpoint (folder or Hub id)
+hf-sdt push out/sdt me/sparse-model           # upload with the SDT model card
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .config import ALL_LINEAR, SDTConfig
+from .training import DataArguments, ModelArguments, run_training
+
+REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
+
+
+def _sdt_value(name: str, values: list) -> object:
+    """Turn the command-line tokens of an SDTConfig field into its value."""
+    if name == "block_size":
+        return values[0] if len(values) == 1 else tuple(values)
+    if name in ("target_modules", "exclude_modules"):
+        single = values[0] if len(values) == 1 else None
+        if single is not None and (single == ALL_LINEAR or REGEX_CHARACTERS & set(single)):
+            return single  # one name with regex characters (or "all-linear") is a regex, as in SDTConfig
+        return list(values)
+    return values
+
+
+def add_sdt_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per SDTConfig field (its help included), plus `--dense` for a baseline without SDT."""
+    group = parser.add_argument_group("SDT (see hf_sdt.SDTConfig)")
+    for spec in fields(SDTConfig):
+        if spec.name == "seed":
+            continue  # one seed per run: TrainingArguments' --seed also seeds SDT
+        help_text = spec.metadata.get("help", "")
+        if spec.name in ("target_modules", "exclude_modules", "block_size"):
+            kind = int if spec.name == "block_size" else str
+            group.add_argument(f"--{spec.name}", nargs="+", type=kind, default=None, help=help_text)
+        else:
+            group.add_argument(f"--{spec.name}", type=type(spec.default), default=None, help=help_text)
+    group.add_argument("--dense", action="store_true", help="Train without SDT (a dense baseline).")
+
+
+def sdt_config_from(namespace: argparse.Namespace, seed: int, **defaults) -> SDTConfig | None:
+    """The SDTConfig of the parsed SDT flags (None with `--dense`); `defaults` fill fields no flag set."""
+    values = {key: value for key, value in vars(namespace).items() if value is not None}
+    if values.pop("dense", False):
+        return None
+    values = {key: _sdt_value(key, value) for key, value in values.items()}
+    return SDTConfig(seed=seed, **{**defaults, **values})
+
+
+def build_train_parser() -> HfArgumentParser:
+    """Model, data and TrainingArguments flags (transformers' own names), plus the SDT flags."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="hf-sdt train")
+    add_sdt_arguments(parser)
+    return parser
+
+
+def expand_config_file(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`CONFIG.yaml [--key value ...]` as flags: the file's values first, so that later flags override them."""
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        return _yaml_to_args(argv[0], parser) + argv[1:]
+    return argv
+
+
+def _yaml_to_args(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The command-line form of a YAML config, after checking every key is a known flag."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Config file {path!r} does not exist.")
+    with open(path, encoding="utf-8") as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values.")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) {unknown} in {path}: each key must be a ModelArguments, DataArguments, "
+            "TrainingArguments or SDTConfig field (see `hf-sdt train --help`)."
+        )
+    args = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            value = json.dumps(value)
+        tokens = [str(item) for item in value] if isinstance(value, list) else [str(value)]
+        args += [f"--{key}", *tokens]
+    return args
+
+
+def parse_train_args(argv: list[str]):
+    """(ModelArguments, DataArguments, TrainingArguments, SDTConfig or None) from `CONFIG.yaml [--key value ...]`;
+    flags after the file override its values."""
+    parser = build_train_parser()
+    argv = expand_config_file(argv, parser)
+    model_args, data_args, training_args, rest = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args, sdt_config_from(rest, training_args.seed)
+
+
+def _train(argv: list[str]) -> None:
+    model_args, data_args, training_args, sdt_config = parse_train_args(argv)
+    metrics = run_training(model_args, data_args, training_args, sdt_config)
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def _summary(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="hf-sdt summary", description="Per-layer density table of a checkpoint.")
+    parser.add_argument("path_or_repo")
+    args = parser.parse_args(argv)
+    from .hub import from_pretrained
+    from .model import print_sparsity_summary
+
+    print_sparsity_summary(from_pretrained(args.path_or_repo))
+
+
+def _push(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="hf-sdt push", description="Upload an SDT checkpoint with its card.")
+    parser.add_argument("path")
+    parser.add_argument("repo_id")
+    parser.add_argument("--packed", action="store_true", help="upload the packed format (hf_sdt only)")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--base_model", default=None)
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    from .hub import from_pretrained, push_to_hub
+
+    model = from_pretrained(args.path)
+    tokenizer = AutoTokenizer.from_pretrained(args.path) if os.path.isfile(f"{args.path}/tokenizer.json") else None
+    info = push_to_hub(
+        model, args.repo_id, packed=args.packed, processing_class=tokenizer, private=args.private,
+        base_model=args.base_model,
+    )  # fmt: skip
+    print(f"Pushed to {info}")
+
+
+def _demo(argv: list[str]) -> None:
+    from .demo import main as demo_main
+
+    demo_main(argv)
+
+
+COMMANDS = {"demo": _demo, "train": _train, "summary": _summary, "push": _push}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (FileNotFoundError, ValueError, OSError) as error:
+        raise SystemExit(f"hf-sdt {argv[0]}: {error}") from error
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""A causal-LM training job with SDT, as `hf-sdt train` and the recipes run it (in the style of transformers'
+run_clm): model (local path, Hub id or a config to train from scratch), text data (local .txt/.json/.jsonl/.csv files
+or a Hub dataset), tokenisation and packing into blocks, then `SDTTrainer` (or plain `Trainer` without SDT)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from itertools import chain
+
+from datasets import DatasetDict, load_dataset
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerFast,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+
+from .config import SDTConfig
+from .trainer import SDTTrainer
+
+EXTENSION_TO_BUILDER = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train.
+
+    Args:
+        model_name_or_path: a local folder or a Hub id of a pretrained model to fine-tune.
+        model_config: to train from scratch instead, a JSON object of a transformers config (with `model_type`).
+        tokenizer_name: a tokenizer folder or Hub id; from scratch without one, a byte-level BPE tokenizer of
+            `tokenizer_vocab_size` tokens is trained on the training text.
+    """
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Local folder or Hub id of a pretrained model to fine-tune."}
+    )
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": 'JSON of a config to train from scratch, e.g. {"model_type": "gpt2", "n_layer": 4}.'},
+    )
+    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer folder or Hub id."})
+    tokenizer_vocab_size: int = field(
+        default=2048, metadata={"help": "Vocabulary of the BPE tokenizer trained when there is none."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """What to train on.
+
+    Args:
+        train_files: local .txt/.json/.jsonl/.csv files.
+        validation_files: held-out files of the same kind (else a split of the training data).
+        dataset_name / dataset_config_name: a Hub dataset instead of files.
+        text_column: the column that holds the text (.json/.csv and Hub datasets).
+        max_seq_length: tokens per training sequence; the text is concatenated and cut into such sequences (TRL's
+            name; run_clm calls it block_size, which here is SDT's block).
+        validation_split_percentage: share of the training data held out when there is no validation set.
+    """
+
+    train_files: list[str] | None = field(default=None, metadata={"help": "Local text/JSON/CSV training files."})
+    validation_files: list[str] | None = field(default=None, metadata={"help": "Local held-out files."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset id instead of files."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    max_seq_length: int = field(default=128, metadata={"help": "Tokens per training sequence."})
+    validation_split_percentage: int = field(
+        default=5, metadata={"help": "Percent of the training data held out when no validation set is given."}
+    )
+
+
+def load_text_datasets(data_args: DataArguments) -> DatasetDict:
+    """Train and validation splits with a `text_column`, from local files or a Hub dataset."""
+    if data_args.dataset_name is not None:
+        try:
+            raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        except Exception as error:
+            raise OSError(
+                f"Dataset {data_args.dataset_name!r} could not be loaded ({type(error).__name__}: {error}). "
+                "Without network, pass local files with --train_files."
+            ) from error
+    else:
+        if not data_args.train_files:
+            raise ValueError("Give training data: --train_files FILE [FILE ...] or --dataset_name NAME.")
+        files = {"train": data_args.train_files}
+        if data_args.validation_files:
+            files["validation"] = data_args.validation_files
+        extensions = {os.path.splitext(path)[1] for paths in files.values() for path in paths}
+        for path in (path for paths in files.values() for path in paths):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"Data file {path!r} does not exist.")
+        if len(extensions) != 1 or next(iter(extensions)) not in EXTENSION_TO_BUILDER:
+            raise ValueError(
+                f"Data files must share one extension of {sorted(EXTENSION_TO_BUILDER)}, got {extensions}."
+            )
+        builder = EXTENSION_TO_BUILDER[next(iter(extensions))]
+        raw = load_dataset(builder, data_files=files, **({"sample_by": "paragraph"} if builder == "text" else {}))
+    if "validation" not in raw:
+        split = raw["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=0)
+        raw = DatasetDict(train=split["train"], validation=split["test"])
+    return raw
+
+
+def build_tokenizer(model_args: ModelArguments, texts):
+    """The model's tokenizer, or a byte-level BPE tokenizer trained on `texts` when training from scratch."""
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    if source is not None:
+        return _from_hub_or_path(AutoTokenizer.from_pretrained, source)
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=model_args.tokenizer_vocab_size, special_tokens=["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(model_args: ModelArguments, vocab_size: int, max_seq_length: int):
+    if model_args.model_name_or_path is not None:
+        return _from_hub_or_path(AutoModelForCausalLM.from_pretrained, model_args.model_name_or_path)
+    if model_args.model_config is None:
+        raise ValueError("Give --model_name_or_path (to fine-tune) or --model_config (a JSON config, from scratch).")
+    values = json.loads(model_args.model_config)
+    config = AutoConfig.for_model(**{"vocab_size": vocab_size, "n_positions": max_seq_length, **values})
+    return AutoModelForCausalLM.from_config(config)
+
+
+def _from_hub_or_path(loader, name: str):
+    try:
+        return loader(name)
+    except OSError as error:
+        raise OSError(
+            f"{name!r} is not a local folder and could not be fetched from the Hub ({error}). Offline, pass the "
+            "path of a folder saved with save_pretrained."
+        ) from error
+
+
+def tokenize_and_pack(raw: DatasetDict, tokenizer, data_args: DataArguments) -> DatasetDict:
+    """Tokenise, concatenate and cut into `block_size` blocks with labels = input_ids (run_clm's grouping)."""
+    column = data_args.text_column
+    if column not in raw["train"].column_names:
+        raise ValueError(
+            f"No column {column!r} in the data (columns: {raw['train'].column_names}); set --text_column."
+        )
+
+    def tokenize(batch):
+        return tokenizer([text + tokenizer.eos_token for text in batch[column]])
+
+    def pack(batch):
+        ids = list(chain.from_iterable(batch["input_ids"]))
+        usable = len(ids) // data_args.max_seq_length * data_args.max_seq_length
+        blocks = [ids[i : i + data_args.max_seq_length] for i in range(0, usable, data_args.max_seq_length)]
+        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+    tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, desc="Tokenizing")
+    return tokenized.map(pack, batched=True, remove_columns=tokenized["train"].column_names, desc="Packing")
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    sdt_config: SDTConfig | None,
+) -> dict[str, float]:
+    """Train (with SDT unless `sdt_config` is None), evaluate, save model, tokenizer and card; return the metrics:
+    Trainer's own (`train_runtime`, `eval_loss`, ...) plus `perplexity` and, with SDT, the final `sdt/*` values."""
+    raw = load_text_datasets(data_args)
+    tokenizer = build_tokenizer(model_args, raw["train"][data_args.text_column])
+    datasets = tokenize_and_pack(raw, tokenizer, data_args)
+    if len(datasets["train"]) == 0 or len(datasets["validation"]) == 0:
+        raise ValueError(
+            f"Not enough text for one block of {data_args.max_seq_length} tokens in train and validation."
+        )
+    model = build_model(model_args, len(tokenizer), data_args.max_seq_length)
+    common = {
+        "model": model,
+        "args": training_args,
+        "train_dataset": datasets["train"],
+        "eval_dataset": datasets["validation"],
+        "processing_class": tokenizer,
+        "data_collator": default_data_collator,
+    }
+    trainer = SDTTrainer(sdt_config=sdt_config, **common) if sdt_config is not None else Trainer(**common)
+    metrics = dict(trainer.train().metrics)
+    metrics.update(trainer.evaluate())
+    metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
+    if sdt_config is not None:
+        metrics.update(trainer.sdt_callback.controller.metrics())
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        trainer.create_model_card()
+    return metrics

@@ -1,0 +1,91 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_sdt import SDTConfig
+from hf_sdt.cli import main, parse_train_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "configs" / "tiny.yaml")
+
+
+def test_yaml_then_flags_with_the_usual_names():
+    model_args, data_args, training_args, sdt = parse_train_args(
+        [TINY, "--density", "0.1", "--learning_rate", "5e-4", "--target_modules", "c_attn", "c_fc", "--seed", "3"]
+    )
+    assert model_args.model_config and '"n_layer": 2' in model_args.model_config
+    assert data_args.max_seq_length == 64 and training_args.learning_rate == 5e-4
+    assert sdt == SDTConfig(density=0.1, block_size=16, update_interval=2, target_modules=["c_attn", "c_fc"], seed=3)
+
+
+def test_target_modules_forms_and_dense_baseline():
+    _, _, _, sdt = parse_train_args([TINY, "--target_modules", r".*\.mlp\..*", "--block_size", "16", "32"])
+    assert sdt.target_modules == r".*\.mlp\..*" and sdt.block_shape == (16, 32)
+    _, _, _, sdt = parse_train_args([TINY, "--target_modules", "all-linear"])
+    assert sdt.target_modules == "all-linear"
+    assert parse_train_args([TINY, "--dense"])[3] is None
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("densty: 0.5\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['densty'\]"):
+        parse_train_args([str(config)])
+
+
+def test_newcomer_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["train", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit, match="density"):
+        main(["train", TINY, "--density", "2"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["train", TINY, "--train_files", str(tmp_path / "nothing.txt")])
+    with pytest.raises(SystemExit, match="local folder"):
+        main(["train", TINY, "--model_name_or_path", "nobody/not-a-model", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as usage:
+        main([])
+    assert usage.value.code == 2 and "hf-sdt demo" in capsys.readouterr().out
+
+
+def run_cli(*args, cwd=ROOT, env=None, launcher=()):
+    result = subprocess.run([*launcher, *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_then_summary_through_the_console_script(tmp_path):
+    out = tmp_path / "tiny"
+    printed = run_cli(sys.executable, "-m", "hf_sdt.cli", "train", TINY, "--output_dir", str(out))
+    assert '"eval_loss"' in printed and '"sdt/density"' in printed
+    summary = run_cli(sys.executable, "-m", "hf_sdt.cli", "summary", str(out))
+    assert "transformer.h.1.mlp.c_proj" in summary and "8 SDT layers" in summary
+    assert (out / "README.md").is_file() and (out / "sdt_masks.png").is_file()
+
+
+@pytest.mark.slow
+def test_train_under_two_cpu_processes(tmp_path):
+    import os
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = (
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+    )  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    run_cli("-m", "hf_sdt.cli", "train", TINY, "--output_dir", str(out), launcher=launcher, env=env)
+    summary = run_cli(sys.executable, "-m", "hf_sdt.cli", "summary", str(out))
+    assert "8 SDT layers" in summary
+
+
+def test_push_uploads_with_the_card(tmp_path, hub_server):
+    out = tmp_path / "tiny"
+    main(["train", TINY, "--output_dir", str(out), "--max_steps", "2"])
+    main(["push", str(out), "test-user/cli-push"])
+    _, files = hub_server.files("test-user/cli-push")
+    assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "sdt_density.png"} <= set(files)
