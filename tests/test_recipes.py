@@ -53,3 +53,19 @@ def test_classification_recipe_trains_a_sparse_encoder(tmp_path):
     model = hf_sdt.from_pretrained(str(tmp_path / "out"))
     names = set(hf_sdt.sdt_layers(model))
     assert names and not any("classifier" in name for name in names), "the head stays dense"
+
+
+@pytest.mark.parametrize("script", ["finetune_clm.py", "pretrain_gpt.py"])
+def test_causal_lm_recipes_run(tmp_path, script):
+    root = Path(__file__).resolve().parents[1]
+    tiny = ["--model_config", '{"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}', "--max_steps", "2",
+            "--tokenizer_vocab_size", "300", "--max_seq_length", "32", "--block_size", "16",
+            "--train_files", "hf_sdt/data/persuasion_excerpt.txt", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    config = [str(root / "recipes" / "configs" / "tiny.yaml")] if script == "finetune_clm.py" else []
+    result = subprocess.run(
+        [sys.executable, str(root / "recipes" / script), *config, *tiny],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert '"eval_loss"' in result.stdout
+    assert hf_sdt.sdt_layers(hf_sdt.from_pretrained(str(tmp_path / "out")))
