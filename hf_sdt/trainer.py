@@ -85,6 +85,7 @@ class SDTController:
         # Kept on the host so that a regular step never reads a mask back from the GPU.
         self._active_counts = [int(layer.sdt_mask.sum()) for layer in self.layers.values()]
         self._flops_ratio = self._measure_flops_ratio()
+        self._step_flops_ratio = self._flops_ratio
         for layer in self.layers.values():
             layer.track_input_norms = config.prune_criterion == "wanda"
 
@@ -98,6 +99,8 @@ class SDTController:
         capture = self.config.grow_criterion == "gradient" and self._updating()
         for layer in self.layers.values():
             layer.capture_dense_grad = capture
+        # This step computes with the masks as they are now (dense where the dense gradient is captured).
+        self._step_flops_ratio = 1.0 if capture else self._flops_ratio
 
     @torch.no_grad()
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -122,8 +125,7 @@ class SDTController:
         start = time.perf_counter()
         for layer in self.layers.values():
             layer.apply_mask_()
-        dense_step = any(layer.capture_dense_grad for layer in self.layers.values())
-        self.flops_ratio_sum += 1.0 if dense_step else self._flops_ratio
+        self.flops_ratio_sum += self._step_flops_ratio
         self.steps_done += 1
         for layer in self.layers.values():
             layer.capture_dense_grad = False
