@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import BACKENDS
-from .masks import block_grid, expand_block_mask
+from .masks import block_grid, expand_block_mask, masked_fraction
 
 # When the blocked path pays, as a cost model fitted to measurements on a 2-core CPU (fp32, fwd+bwd):
 #   blocked time ~ density / efficiency x dense time + GEMM calls x overhead.
@@ -72,8 +72,7 @@ def build_blocked_layout(mask: torch.Tensor, block: tuple[int, int], shape: tupl
             rows = (active_rows[:, None] * block[0] + row_offsets).flatten()
             rows = rows[rows < shape[0]].to(mask.device)
             col_slabs.append((c * block[1], min((c + 1) * block[1], shape[1]), rows))
-    active_elements = sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in blocks)
-    return BlockedLayout(blocks, tuple(col_slabs), shape, active_elements / (shape[0] * shape[1]))
+    return BlockedLayout(blocks, tuple(col_slabs), shape, masked_fraction(host_mask, block, shape))
 
 
 def blocked_path_pays(layout: BlockedLayout, tokens: int, block: tuple[int, int]) -> bool:
