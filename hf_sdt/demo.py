@@ -40,7 +40,8 @@ DEFAULTS = {
 }
 
 
-def _argv(output_dir: str, overrides: list[str], dense: bool) -> list[str]:
+def demo_argv(output_dir: str, overrides: list[str], dense: bool) -> list[str]:
+    """`hf-sdt train` flags of one demo run: the defaults, then `overrides`, then `--dense` for the baseline."""
     values = {
         **DEFAULTS,
         "train_files": [str(DATA / "pride_and_prejudice.txt")],
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> str:
     results = {}
     for name in ("dense", "sdt"):
         print(f"\n=== {name} run ===", flush=True)
-        parsed = parse_train_args(_argv(os.path.join(output_dir, name), argv, dense=name == "dense"))
+        parsed = parse_train_args(demo_argv(os.path.join(output_dir, name), argv, dense=name == "dense"))
         results[name] = run_training(*parsed)
     table = format_table(results["dense"], results["sdt"])
     print("\n" + table)

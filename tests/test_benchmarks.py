@@ -42,6 +42,12 @@ def test_update_overhead_benchmark_smoke(tmp_path):
     assert "topology changes" in output.read_text()
 
 
+def test_quality_scratch_benchmark_smoke(tmp_path):
+    output = tmp_path / "table.md"
+    run_script("benchmarks/bench_quality_scratch.py", "--smoke", "--output", str(output))
+    assert "iso-FLOP" in output.read_text()
+
+
 @pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", "scripts/install.sh", ".ci/run"])
 def test_shell_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
