@@ -303,8 +303,16 @@ def push_to_hub(
 
 
 def card_metrics_from_log(log_history: list[dict]) -> dict[str, float]:
-    """The last evaluation metrics of a Trainer log history (`eval_*` keys), for the card."""
+    """The last evaluation metrics of a Trainer log history (`eval_*` keys, without timings), for the card.
+
+    Example:
+        >>> card_metrics_from_log([{"eval_loss": 3.0, "eval_runtime": 1.2}, {"eval_loss": 2.5, "eval_accuracy": 0.9}])
+        {'eval_loss': 2.5, 'eval_accuracy': 0.9}
+    """
+    timings = ("_runtime", "_per_second")
     metrics: dict[str, float] = {}
     for entry in log_history:
-        metrics.update({key: value for key, value in entry.items() if key.startswith("eval_")})
+        metrics.update(
+            {key: value for key, value in entry.items() if key.startswith("eval_") and not key.endswith(timings)}
+        )
     return metrics
