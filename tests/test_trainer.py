@@ -210,7 +210,7 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
         {"gradient_accumulation_steps": 2},
         {"max_steps": -1, "num_train_epochs": 1, "per_device_train_batch_size": 64},
         {"bf16": True},
-        {"gradient_checkpointing": True},
+        {"activation_checkpointing": True},  # transformers 5 name of gradient checkpointing
     ],
     ids=["grad-accumulation", "epochs", "bf16", "grad-checkpointing"],
 )
