@@ -16,10 +16,10 @@ import datetime
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
+from benchmark_report import finish_report
 from torch import nn
 
 from hf_sdt import SDTLinear, functional
@@ -128,12 +128,7 @@ def main() -> None:
             "",
             format_table(sweep),
         ]
-    command = "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
-    report += ["", f"Command: `{command}`"]
-    print("\n".join(report))
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(report) + "\n")
+    finish_report(report, args.output)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+from benchmark_report import finish_report
 
 from hf_sdt.functional import build_layout, reference_linear, sdt_linear
 from hf_sdt.masks import active_block_count, expand_block_mask, topk_block_mask
@@ -192,13 +193,8 @@ def main() -> None:
                     )
                 )  # fmt: skip
                 print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
-    command = "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     report = [header, "", f"Correctness ({dtype} inputs, fp32 reference):", "", *check_lines, "", format_rows(rows)]
-    report += ["", f"Command: `{command}`"]
-    print("\n".join(report))
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(report) + "\n")
+    finish_report(report, args.output)
     if failed:
         sys.exit(f"Correctness check failed: {failed}")
 

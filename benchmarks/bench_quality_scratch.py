@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 import tempfile
+
+from benchmark_report import finish_report
 
 from hf_sdt.cli import parse_train_args
 from hf_sdt.demo import demo_argv
@@ -63,11 +64,7 @@ def main() -> None:
             f"| {name} | {steps} | {metrics['eval_loss']:.4f} | {metrics['perplexity']:.2f} | {gap:+.2f}% | "
             f"{flops:.1%} | {metrics['train_runtime'] / dense['train_runtime']:.2f} |"
         )
-    lines += ["", "Command: `python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]) + "`"]
-    print("\n".join(lines))
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
+    finish_report(lines, args.output)
 
 
 if __name__ == "__main__":

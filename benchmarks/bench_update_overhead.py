@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sys
 import tempfile
-from pathlib import Path
 
 import torch
+from benchmark_report import finish_report
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from hf_sdt import SDTConfig
@@ -71,12 +70,8 @@ def main() -> None:
         f"{100 * controller.total_update_seconds / runtime:.2f}% |",
         f"| all SDT controller calls | {controller.total_seconds:.3f} | "
         f"{100 * controller.total_seconds / runtime:.2f}% |",
-        "",
-        "Command: `python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]) + "`",
     ]
-    print("\n".join(rows))
-    if args.output:
-        Path(args.output).write_text("\n".join(rows) + "\n", encoding="utf-8")
+    finish_report(rows, args.output)
 
 
 if __name__ == "__main__":
