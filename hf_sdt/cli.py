@@ -89,15 +89,24 @@ def _yaml_to_args(path: str, parser: argparse.ArgumentParser) -> list[str]:
             f"Unknown key(s) {unknown} in {path}: each key must be a ModelArguments, DataArguments, "
             "TrainingArguments or SDTConfig field (see `hf-sdt train --help`)."
         )
-    args = []
+    return values_to_flags(values)
+
+
+def values_to_flags(values: dict) -> list[str]:
+    """Option values as command-line flags: lists become several tokens, mappings JSON, None is left out.
+
+    Example:
+        >>> values_to_flags({"density": 0.25, "target_modules": ["q_proj", "v_proj"], "exclude_modules": None})
+        ['--density', '0.25', '--target_modules', 'q_proj', 'v_proj']
+    """
+    flags = []
     for key, value in values.items():
         if value is None:
             continue
         if isinstance(value, dict):
             value = json.dumps(value)
-        tokens = [str(item) for item in value] if isinstance(value, list) else [str(value)]
-        args += [f"--{key}", *tokens]
-    return args
+        flags += [f"--{key}", *(str(item) for item in (value if isinstance(value, list) else [value]))]
+    return flags
 
 
 def parse_train_args(argv: list[str]):

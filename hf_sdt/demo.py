@@ -14,7 +14,7 @@ import importlib.resources
 import json
 import os
 
-from .cli import parse_train_args
+from .cli import parse_train_args, values_to_flags
 from .training import run_training
 
 DATA = importlib.resources.files("hf_sdt.data")
@@ -48,11 +48,7 @@ def demo_argv(output_dir: str, overrides: list[str], dense: bool) -> list[str]:
         "validation_files": [str(DATA / "persuasion_excerpt.txt")],
         "output_dir": output_dir,
     }
-    argv = []
-    for key, value in values.items():
-        value = json.dumps(value) if isinstance(value, dict) else value
-        argv += [f"--{key}", *(str(item) for item in (value if isinstance(value, list) else [value]))]
-    return argv + overrides + (["--dense"] if dense else [])
+    return values_to_flags(values) + overrides + (["--dense"] if dense else [])
 
 
 def format_table(dense: dict, sdt: dict) -> str:

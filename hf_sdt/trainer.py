@@ -82,6 +82,7 @@ class SDTController:
         self._warned_non_finite = False
         self._target_density: float | None = None
         self._counts: list[int] = []
+        self._scores: dict[str, torch.Tensor] | None = None  # this step's prune scores, see _step_prune_scores
         # Kept on the host so that a regular step never reads a mask back from the GPU.
         self._active_counts = [int(layer.sdt_mask.sum()) for layer in self.layers.values()]
         self._flops_ratio = self._measure_flops_ratio()
@@ -106,6 +107,7 @@ class SDTController:
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Accumulate scores, then prune to the schedule and, on update steps, drop and grow blocks."""
         start = time.perf_counter()
+        self._scores = None
         if self.config.prune_criterion == "taylor":
             self._accumulate_taylor()
         target = density_at(self.step, self.total_steps, self.config)
@@ -117,6 +119,7 @@ class SDTController:
             self.total_update_seconds += seconds
             if updating:
                 self.update_seconds = seconds
+        self._scores = None
         self.total_seconds += time.perf_counter() - start
 
     @torch.no_grad()
@@ -210,7 +213,7 @@ class SDTController:
         layers = list(self.layers.values())
         total = max(len(layers), round(density * sum(layer.sdt_mask.numel() for layer in layers)))
         total = min(total, sum(self._active_counts))  # the schedule only prunes
-        scores = [self._prune_scores(name, layer).cpu() for name, layer in self.layers.items()]
+        scores = [score.cpu() for score in self._step_prune_scores().values()]
         element_counts = [
             block_element_counts(layer.block_size, (layer.out_features, layer.in_features)) for layer in layers
         ]
@@ -227,6 +230,13 @@ class SDTController:
                 grad, weight = grad.t(), weight.t()
             sums = block_abs_sums(weight * grad, layer.block_size)
             self.taylor[name] = sums if name not in self.taylor else self.taylor[name] + sums
+
+    def _step_prune_scores(self) -> dict[str, torch.Tensor]:
+        """Every layer's prune scores for this step, computed once (global counts and the update both use them;
+        they are taken before any mask of the step changes)."""
+        if self._scores is None:
+            self._scores = {name: self._prune_scores(name, layer) for name, layer in self.layers.items()}
+        return self._scores
 
     def _prune_scores(self, name: str, layer) -> torch.Tensor:
         input_sq_norm = layer.input_sq_norm
@@ -259,8 +269,9 @@ class SDTController:
         counts = self._current_density_counts(density_at(self.step, self.total_steps, self.config))
         fraction = drop_fraction_at(self.step, self.total_steps, self.config)
         plans = {}
+        step_scores = self._step_prune_scores()
         for (name, layer), count in zip(self.layers.items(), counts, strict=True):
-            scores = self._prune_scores(name, layer)
+            scores = step_scores[name]
             grow = self._grow_scores(layer) if drop_grow else None
             if not torch.isfinite(scores).all() or (grow is not None and not torch.isfinite(grow).all()):
                 self._skip_non_finite(name)
