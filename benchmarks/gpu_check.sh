@@ -2,7 +2,8 @@
 # Everything GPU-related, in one call of at most 8 minutes on the lent GPU machine (see the brief):
 #   1. the kernel, functional and layer tests on the GPU (real Triton kernels, bf16 included);
 #   2. benchmarks/bench_kernels_gpu.py: bf16 correctness on large shapes, then the fwd+bwd timing table against
-#      cuBLAS and PyTorch's BSR kernels, written to $OUT (or benchmarks/results/) with the GPU name and date.
+#      cuBLAS and PyTorch's BSR kernels, written to $OUT (or benchmarks/results/) with the GPU name and date;
+#   3. benchmarks/bench_e2e_gpu.py: SDTTrainer vs Trainer tokens/s on a 1.1B Llama-style model, bf16.
 # The machine's own python3 already has torch, triton and transformers; hf_sdt is installed without deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +16,4 @@ python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_functi
   2>&1 | tee "$results/gpu_tests.log"
 python3 benchmarks/bench_kernels_gpu.py --output "$results/gpu_kernels_$(date +%F).md" 2>&1 \
   | tee "$results/gpu_kernels.log"
+python3 benchmarks/bench_e2e_gpu.py --output "$results/gpu_e2e_$(date +%F).md" 2>&1 | tee "$results/gpu_e2e.log"

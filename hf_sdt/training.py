@@ -19,6 +19,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
     default_data_collator,
+    set_seed,
 )
 
 from .config import SDTConfig
@@ -178,6 +179,7 @@ def run_training(
         raise ValueError(
             f"Not enough text for one block of {data_args.max_seq_length} tokens in train and validation."
         )
+    set_seed(training_args.seed)  # the initial weights of a model trained from scratch follow `--seed` too
     model = build_model(model_args, len(tokenizer), data_args.max_seq_length)
     common = {
         "model": model,

@@ -1,5 +1,6 @@
 """The benchmark scripts run in seconds-long smoke modes (they are never imported, only run)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -16,22 +17,36 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_blocked_cpu.py", {}, ["speed-up (dense / SDT)"]),
         ("bench_kernels_gpu.py", {"TRITON_INTERPRET": "1"}, ["rel. error Y", "SDT Triton (ms)"]),
         ("bench_update_overhead.py", {}, ["topology changes"]),
-        ("bench_quality_scratch.py", {}, ["iso-FLOP"]),
+        ("bench_quality.py", {}, ["iso-FLOP", "gap to dense"]),
+        ("bench_e2e_gpu.py", {}, ["tokens/s", "speed-up vs Trainer"]),
     ],
 )
 def test_benchmark_smoke_mode_writes_its_report(tmp_path, script, env, expected):
     output = tmp_path / "report.md"
+    run_script(script, "--smoke", "--output", str(output), env=env)
+    text = output.read_text()
+    assert all(phrase in text for phrase in expected) and f"Command: `python benchmarks/{script} --smoke" in text
+
+
+def test_quality_report_json_is_plotted(tmp_path):
+    run_script("bench_quality.py", "--smoke", "--output", str(tmp_path / "quality.md"))
+    runs = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert [row["dense"] for row in runs] == [True, False, True] and "sdt/linear_flops_saved" in runs[1]["runs"][0]
+    plot = tmp_path / "quality.png"
+    run_script("plot_quality.py", str(tmp_path / "quality.json"), "--output", str(plot))
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def run_script(script: str, *argv: str, env: dict | None = None) -> None:
     result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--smoke", "--output", str(output)],
+        [sys.executable, f"benchmarks/{script}", *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, **env},
+        env={**os.environ, **(env or {})},
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    text = output.read_text()
-    assert all(phrase in text for phrase in expected) and f"Command: `python benchmarks/{script} --smoke" in text
 
 
 @pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", "scripts/install.sh", ".ci/run"])
