@@ -33,9 +33,8 @@ DEFAULTS = {
     "report_to": "none",
     "use_cpu": True,
     "seed": 0,
-    # SDT: start dense, prune to a quarter of the blocks by mid-training, drop/grow every 25 steps until 75%.
+    # SDT: start dense, prune to a quarter of the 64 x 64 blocks by mid-training, drop/grow every 25 steps until 75%.
     "density": 0.25,
-    "block_size": 32,
     "update_interval": 25,
 }
 
