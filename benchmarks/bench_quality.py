@@ -12,7 +12,7 @@ which `benchmarks/plot_quality.py` draws.
     # fine-tuning SmolLM2-135M (python recipes/prepare_smollm2.py models/smollm2-135m first)
     python benchmarks/bench_quality.py --config recipes/configs/smollm2_austen.yaml --max_steps 100 \
         --output benchmarks/results/quality_finetune_smollm2.md
-    # a sweep of SDT variants at one density, two seeds
+    # a sweep of SDT variants at one density, two seeds (`--baseline REPORT.json` reuses an earlier dense row)
     python benchmarks/bench_quality.py --densities 0.1 --seeds 0 1 --variant ERK "--distribution erk" \
         --variant Wanda "--prune_criterion wanda" --output benchmarks/results/quality_sweep.md
     python benchmarks/bench_quality.py --smoke          # seconds-long check of the script
@@ -75,7 +75,7 @@ def format_table(rows: list[dict], header: str) -> list[str]:
     lines = [
         header,
         "",
-        f"Eval loss: mean over {seeds} seed(s) (each seed's value in brackets); gap and ratios vs the dense row.",
+        f"Eval loss: mean over {seeds} seed(s){' (each in brackets)' if seeds > 1 else ''}; gap and ratios vs dense.",
         "",
         "| run | steps | eval loss | perplexity | gap to dense | linear FLOPs vs dense | wall time vs dense |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -102,6 +102,7 @@ def main() -> None:
         help="an SDT variant run at every density, e.g. ERK '--distribution erk' (repeatable; default: the config)",
     )  # fmt: skip
     parser.add_argument("--iso_flop", action="store_true", help="add a dense run with each SDT run's linear FLOPs")
+    parser.add_argument("--baseline", help="take the dense row from this earlier report's .json (same setting)")
     parser.add_argument("--output", help="write the table as markdown to this file (and the metrics to .json)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps: checks the script")
     args, extra = parser.parse_known_args()
@@ -111,7 +112,12 @@ def main() -> None:
         args.densities, args.iso_flop = [0.25], True
         common += SMOKE_FLAGS
     with tempfile.TemporaryDirectory() as folder:
-        rows = [run_seeds(args.config, os.path.join(folder, "dense"), "dense", common, True, args.seeds)]
+        if args.baseline:
+            with open(args.baseline, encoding="utf-8") as handle:
+                rows = [json.load(handle)["rows"][0]]
+            rows[0]["name"] = f"dense (from {os.path.basename(args.baseline)})"
+        else:
+            rows = [run_seeds(args.config, os.path.join(folder, "dense"), "dense", common, True, args.seeds)]
         dense_steps = rows[0]["runs"][0]["max_steps"]
         for density in args.densities:
             for variant, flags in variants:

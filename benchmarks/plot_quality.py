@@ -1,5 +1,5 @@
 """Eval loss vs linear FLOPs of every run in one or more `bench_quality.py` reports (their `.json` twins), one panel
-per report: dense runs (full and iso-FLOP) joined by a line, SDT runs as labelled points.
+per report (two per row): dense runs (full and iso-FLOP) joined by a line, SDT runs as labelled points.
 
     python benchmarks/plot_quality.py benchmarks/results/quality_scratch.json \
         benchmarks/results/quality_finetune_smollm2.json --output benchmarks/results/quality_vs_flops.png
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import statistics
+import textwrap
 
 import matplotlib
 
@@ -38,8 +39,12 @@ def main() -> None:
     parser.add_argument("reports", nargs="+", help="`.json` files written by bench_quality.py --output")
     parser.add_argument("--output", required=True, help="the PNG to write")
     args = parser.parse_args()
-    figure, axes = plt.subplots(1, len(args.reports), figsize=(6 * len(args.reports), 4.5), squeeze=False)
-    for axis, path in zip(axes[0], args.reports, strict=True):
+    columns = min(2, len(args.reports))
+    rows = -(-len(args.reports) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(7 * columns, 5 * rows), squeeze=False)
+    for axis in axes.flat[len(args.reports) :]:
+        axis.set_visible(False)
+    for axis, path in zip(axes.flat, args.reports, strict=False):
         with open(path, encoding="utf-8") as handle:
             report = json.load(handle)
         dense, sdt = points(report)
@@ -48,8 +53,9 @@ def main() -> None:
         )
         axis.scatter([x for _, x, _ in sdt], [y for _, _, y in sdt], color="tab:blue", zorder=3, label="SDT")
         for name, x, y in sdt:
-            axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        axis.set_title(os.path.splitext(os.path.basename(path))[0] + "\n" + report["setting"], fontsize=8)
+            axis.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        title = os.path.splitext(os.path.basename(path))[0] + "\n" + textwrap.fill(report["setting"], 100)
+        axis.set_title(title, fontsize=7)
         axis.set_xlabel("linear-layer FLOPs over training, % of the dense run")
         axis.set_ylabel("eval loss (held-out text)")
         axis.grid(alpha=0.3)

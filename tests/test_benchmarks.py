@@ -28,13 +28,23 @@ def test_benchmark_smoke_mode_writes_its_report(tmp_path, script, env, expected)
     assert all(phrase in text for phrase in expected) and f"Command: `python benchmarks/{script} --smoke" in text
 
 
-def test_quality_report_json_is_plotted(tmp_path):
+def test_quality_report_json_is_plotted_and_reused_as_baseline(tmp_path):
     run_script("bench_quality.py", "--smoke", "--output", str(tmp_path / "quality.md"))
     runs = json.loads((tmp_path / "quality.json").read_text())["rows"]
     assert [row["dense"] for row in runs] == [True, False, True] and "sdt/linear_flops_saved" in runs[1]["runs"][0]
     plot = tmp_path / "quality.png"
     run_script("plot_quality.py", str(tmp_path / "quality.json"), "--output", str(plot))
     assert plot.read_bytes().startswith(b"\x89PNG")
+    run_script(
+        "bench_quality.py",
+        "--smoke",
+        "--baseline",
+        str(tmp_path / "quality.json"),
+        "--output",
+        str(tmp_path / "again.md"),
+    )
+    rerun = json.loads((tmp_path / "again.json").read_text())["rows"]
+    assert rerun[0]["name"] == "dense (from quality.json)" and rerun[0]["runs"] == runs[0]["runs"]
 
 
 def run_script(script: str, *argv: str, env: dict | None = None) -> None:
