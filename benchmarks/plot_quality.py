@@ -1,8 +1,7 @@
 """Eval loss vs linear FLOPs of every run in one or more `bench_quality.py` reports (their `.json` twins), one panel
 per report (two per row): dense runs (full and iso-FLOP) joined by a line, SDT runs as labelled points.
 
-    python benchmarks/plot_quality.py benchmarks/results/quality_scratch.json \
-        benchmarks/results/quality_finetune_smollm2.json --output benchmarks/results/quality_vs_flops.png
+    cd benchmarks/results && python ../plot_quality.py quality_*.json --output quality_vs_flops.png
 """
 
 from __future__ import annotations
