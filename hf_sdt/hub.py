@@ -22,7 +22,6 @@ from torch import nn
 from transformers import AutoConfig
 
 from .config import SDTConfig
-from .masks import expand_block_mask
 from .model import get_sdt_model, sdt_layers, sparsity_summary
 
 PACKED_WEIGHTS_NAME = "sdt_packed.safetensors"
@@ -30,12 +29,6 @@ PACKED_FORMAT = "hf_sdt-packed-1"
 ACTIVE_SUFFIX = ".weight.sdt_active"
 MASK_SUFFIX = ".sdt_mask"
 CARD_IMAGES = ("sdt_density.png", "sdt_masks.png")
-
-
-def _storage_mask(layer) -> torch.Tensor:
-    """Element mask of a layer's active weights in the weight's own storage layout ((in, out) for Conv1D)."""
-    element_mask = expand_block_mask(layer.sdt_mask, layer.block_size, (layer.out_features, layer.in_features))
-    return element_mask.t() if layer.is_conv1d else element_mask
 
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, packed: bool = False, **kwargs) -> None:
@@ -65,7 +58,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, packed:
     for key, value in model.state_dict().items():
         layer_name = key.rpartition(".")[0]
         if key.endswith(".weight") and layer_name in layers:
-            tensors[layer_name + ACTIVE_SUFFIX] = value[_storage_mask(layers[layer_name])].contiguous()  # (n,)
+            tensors[layer_name + ACTIVE_SUFFIX] = value[layers[layer_name].storage_element_mask()].contiguous()  # (n,)
         elif value.untyped_storage().data_ptr() not in storages:  # tied weights are saved once and re-tied
             storages.add(value.untyped_storage().data_ptr())
             tensors[key] = value.contiguous()
@@ -153,7 +146,7 @@ def _load_packed(path: str, config, cls, sdt_config: SDTConfig) -> nn.Module:
     state = {key: value for key, value in tensors.items() if not key.endswith(ACTIVE_SUFFIX)}
     for name, layer in sdt_layers(model).items():
         active = tensors.get(name + ACTIVE_SUFFIX)
-        element_mask = _storage_mask(layer)
+        element_mask = layer.storage_element_mask()
         if active is None or active.numel() != int(element_mask.sum()):
             raise ValueError(
                 f"Packed checkpoint {path}: layer {name!r} should store {int(element_mask.sum())} active values, "

@@ -64,6 +64,13 @@ class SDTLinear(nn.Module):
         """The weight as an (out, in) view, whatever the storage layout."""
         return self.weight.t() if self.is_conv1d else self.weight
 
+    def storage_element_mask(self, block_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Element mask of `block_mask` (default: the layer's own mask) in the weight's storage layout, (in, out)
+        for Conv1D; blocks beyond the edges are cut to the weight's shape."""
+        block_mask = self.sdt_mask if block_mask is None else block_mask
+        element_mask = expand_block_mask(block_mask, self.block_size, (self.out_features, self.in_features))
+        return element_mask.t() if self.is_conv1d else element_mask
+
     @property
     def density(self) -> float:
         """Fraction of weight elements inside active blocks."""

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from .config import SDTConfig
-from .masks import block_element_counts, expand_block_mask
+from .masks import block_element_counts
 from .model import get_sdt_model, sdt_layers
 from .schedule import density_at, drop_fraction_at, is_update_step, target_block_counts
 from .topology import block_abs_sums, drop_and_grow, global_block_counts, keep_top, prune_scores
@@ -110,11 +110,11 @@ class SDTController:
         self._scores = None
         if self.config.prune_criterion == "taylor":
             self._accumulate_taylor()
-        target = density_at(self.step, self.total_steps, self.config)
-        prune = self._current_density_counts(target) != self._active_counts
+        counts = self._current_density_counts(density_at(self.step, self.total_steps, self.config))
+        prune = counts != self._active_counts
         updating = self._updating()
         if prune or updating:
-            self._change_topology(optimizer, prune=prune, drop_grow=updating)
+            self._change_topology(optimizer, counts, prune=prune, drop_grow=updating)
             seconds = time.perf_counter() - start
             self.total_update_seconds += seconds
             if updating:
@@ -136,10 +136,6 @@ class SDTController:
         self.total_seconds += time.perf_counter() - start
 
     # -- metrics and state --------------------------------------------------------------------------------------
-
-    def linear_flops_ratio(self) -> float:
-        """Multiply-adds of the block-sparse products over dense ones, for the targeted layers now."""
-        return self._flops_ratio
 
     def _measure_flops_ratio(self) -> float:
         elements = [layer.out_features * layer.in_features for layer in self.layers.values()]
@@ -265,8 +261,7 @@ class SDTController:
             dist.all_reduce(dense_grad)
         return prune_scores("magnitude", dense_grad, layer.block_size)
 
-    def _change_topology(self, optimizer, prune: bool, drop_grow: bool) -> None:
-        counts = self._current_density_counts(density_at(self.step, self.total_steps, self.config))
+    def _change_topology(self, optimizer, counts: list[int], prune: bool, drop_grow: bool) -> None:
         fraction = drop_fraction_at(self.step, self.total_steps, self.config)
         plans = {}
         step_scores = self._step_prune_scores()
@@ -318,9 +313,7 @@ def _reset_block_state(optimizer: torch.optim.Optimizer | None, layer, changed_b
     """Zero, in the blocks that were dropped or grown, the pending gradient (computed under the old mask) and every
     per-parameter optimizer state shaped like the weight (AdamW moments, momentum buffers): grown blocks start
     fresh and dropped ones carry nothing into the optimizer step that follows."""
-    element_mask = expand_block_mask(changed_blocks, layer.block_size, (layer.out_features, layer.in_features))
-    if layer.is_conv1d:
-        element_mask = element_mask.t()
+    element_mask = layer.storage_element_mask(changed_blocks)
     state = optimizer.state.get(layer.weight, {}) if optimizer is not None else {}
     tensors = [layer.weight.grad, *state.values()]
     for value in tensors:

@@ -60,6 +60,9 @@ def test_keeps_names_shapes_and_zeros_inactive_weights(kind):
     element_mask = expand_block_mask(mask, (16, 16), (40, 48))
     assert (layer.weight_out_in[~element_mask] == 0).all()
     assert (layer.weight_out_in[element_mask] != 0).all()
+    assert torch.equal(layer.storage_element_mask(), layer.weight != 0)  # (in, out) for Conv1D
+    first_block = torch.zeros_like(mask).index_fill_(0, torch.tensor([0]), True) & mask
+    assert int(layer.storage_element_mask(first_block).sum()) == 16 * 16
     assert layer.unload() is base
 
 
