@@ -166,49 +166,40 @@ class BlockSparseLinearFunction(torch.autograd.Function):
 
 
 def reference_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor, block: tuple[int, int]
-) -> torch.Tensor:
-    """The masked dense product X (W*M)^T + b: every backend must match it.
-
-    Example:
-        >>> x, w = torch.ones(1, 4), torch.ones(2, 4)
-        >>> reference_linear(x, w, None, torch.tensor([[True, False]]), (2, 2))
-        tensor([[2., 2.]])
-    """
-    element_mask = expand_block_mask(mask, block, tuple(weight.shape))
-    return F.linear(x, weight * element_mask.to(weight.dtype), bias)
-
-
-def _kernels():
-    from .kernels import block_sparse  # imports triton: only when the Triton backend runs
-
-    return block_sparse
-
-
-def dense_grad_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     mask: torch.Tensor,
     block: tuple[int, int],
-    on_dense_grad,
+    on_dense_grad=None,
 ) -> torch.Tensor:
-    """The reference product, handing the dense weight gradient dY^T X (every block, active or not) to
-    `on_dense_grad` during backward; the weight itself still gets the masked gradient. Used on the steps whose
-    topology update grows blocks by gradient (RigL).
+    """The masked dense product X (W*M)^T + b: every backend must match it.
+
+    With `on_dense_grad`, the dense weight gradient dY^T X (every block, active or not) is handed to it during
+    backward, while the weight itself still gets the masked gradient: the steps whose topology update grows blocks
+    by gradient (RigL) run this.
 
     Example:
+        >>> x, w = torch.ones(1, 4), torch.ones(2, 4)
+        >>> reference_linear(x, w, None, torch.tensor([[True, False]]), (2, 2))
+        tensor([[2., 2.]])
         >>> x, w, grads = torch.randn(3, 4), torch.randn(2, 4, requires_grad=True), []
-        >>> y = dense_grad_linear(x, w, None, torch.tensor([[True, False]]), (2, 2), grads.append)
+        >>> y = reference_linear(x, w, None, torch.tensor([[True, False]]), (2, 2), on_dense_grad=grads.append)
         >>> y.sum().backward()
         >>> bool(grads[0][:, 2:].abs().sum() > 0), bool(w.grad[:, 2:].abs().sum() == 0)
         (True, True)
     """
     element_mask = expand_block_mask(mask, block, tuple(weight.shape))
     masked_weight = weight * element_mask.to(weight.dtype)
-    if masked_weight.requires_grad:
+    if on_dense_grad is not None and masked_weight.requires_grad:
         masked_weight.register_hook(on_dense_grad)
     return F.linear(x, masked_weight, bias)
+
+
+def _kernels():
+    from .kernels import block_sparse  # imports triton: only when the Triton backend runs
+
+    return block_sparse
 
 
 def triton_available(device: torch.device) -> bool:

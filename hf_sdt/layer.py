@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import build_layout, dense_grad_linear, resolve_backend, sdt_linear
+from .functional import build_layout, reference_linear, resolve_backend, sdt_linear
 from .masks import block_grid, expand_block_mask, masked_fraction
 
 
@@ -110,7 +110,7 @@ class SDTLinear(nn.Module):
             squares = x.detach().float().square().reshape(-1, self.in_features).sum(0)  # (in,)
             self.input_sq_norm = squares if self.input_sq_norm is None else self.input_sq_norm + squares
         if self.capture_dense_grad and torch.is_grad_enabled():
-            return dense_grad_linear(
+            return reference_linear(
                 x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self._accumulate_dense_grad
             )
         backend = resolve_backend(self.backend, x.device, self.block_size)
