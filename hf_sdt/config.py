@@ -15,6 +15,12 @@ SCHEDULES = ("cubic", "linear", "constant")
 PRUNE_CRITERIA = ("magnitude", "taylor", "wanda")
 GROW_CRITERIA = ("gradient", "random")
 DISTRIBUTIONS = ("uniform", "erk", "global")
+MODES = ("weights", "updates")
+# Defaults that depend on the mode (a field left at None takes its mode's value).
+MODE_DEFAULTS = {
+    "weights": {"density": 0.25, "update_interval": 100},
+    "updates": {"density": 0.05, "update_interval": 20},
+}
 
 
 @dataclass
@@ -22,9 +28,23 @@ class SDTConfig:
     """Configuration of Sparse-Dynamic Training (SDT) for a transformers model.
 
     Each targeted weight matrix (out x in) is cut into blocks of `block_size`; a boolean block mask says which
-    blocks are active. Only active blocks are multiplied and receive gradients.
+    blocks are active. Two modes:
+
+    - `"weights"` (pre-training, or making a sparse model): the weights themselves are block-sparse. Only active
+      blocks are stored as non-zero, multiplied and trained; a density schedule prunes to `density` and drop/grow
+      updates move the active blocks.
+    - `"updates"` (fine-tuning a pretrained model): the pretrained weights stay and are frozen; only a block-sparse
+      set of updates to them is trained, stored compactly as (n_active, block_rows, block_cols) and saved as a small
+      adapter. The active set is chosen by gradient over the first `selection_steps` steps and re-chosen every
+      `update_interval` steps (drop the blocks with the smallest update, grow those with the largest gradient).
+      Start from a learning rate about 10x that of full fine-tuning (e.g. 2e-4 to 5e-4 for a model fine-tuned
+      at 2e-5 to 5e-5): few weights move, so each must move further. The fields `initial_density`, `schedule*`
+      and `prune_criterion` belong to weights mode and are ignored here.
 
     Args:
+        mode (`str`, defaults to `"weights"`):
+            `"weights"` (block-sparse weights) or `"updates"` (block-sparse trainable updates of frozen pretrained
+            weights, for fine-tuning).
         target_modules (`list[str]` or `str`, defaults to `"all-linear"`):
             The modules to sparsify. A list of names matches a module whose qualified name equals an entry or ends
             with `"." + entry` (as in PEFT); a string is a regular expression matched against the full name with
@@ -32,9 +52,10 @@ class SDTConfig:
             (`lm_head`).
         exclude_modules (`list[str]` or `str`, *optional*):
             Modules never to sparsify, with the same matching rules as `target_modules`.
-        density (`float`, defaults to 0.25):
-            Final fraction of active blocks, in (0, 1]. With the uniform distribution each layer keeps exactly
-            `max(1, round(density * n_blocks))` blocks.
+        density (`float`, defaults to 0.25 in weights mode and 0.05 in updates mode):
+            Fraction of active blocks, in (0, 1]: in weights mode the final fraction of the weights kept, in updates
+            mode the fraction of each targeted layer's weights that is trained. With the uniform distribution each
+            layer has exactly `max(1, round(density * n_blocks))` active blocks.
         block_size (`int` or `tuple[int, int]`, defaults to 64):
             Block shape (rows, cols) in the (out, in) weight layout; an int means square blocks. Larger blocks run
             faster, smaller blocks lose less quality; 64 is a good compromise on GPUs and CPUs alike.
@@ -56,8 +77,9 @@ class SDTConfig:
             Fraction of the training steps at which the density starts to fall.
         schedule_end (`float`, defaults to 0.5):
             Fraction of the training steps at which `density` is reached; the rest of training recovers at it.
-        update_interval (`int`, defaults to 100):
-            Steps between drop/grow topology updates (RigL's 100: enough steps for grown blocks to prove useful).
+        update_interval (`int`, defaults to 100 in weights mode and 20 in updates mode):
+            Steps between drop/grow topology updates (RigL's 100: enough steps for grown blocks to prove useful;
+            SpIEL's 20 for sparse fine-tuning, whose runs are short).
         drop_fraction (`float`, defaults to 0.3):
             Fraction of each layer's active blocks replaced at the first update, decayed with a cosine to 0 at
             `update_end` (RigL's 0.3).
@@ -74,15 +96,27 @@ class SDTConfig:
         distribution (`str`, defaults to `"uniform"`):
             How the density is spread over layers: `"uniform"` (every layer at `density`: predictable savings),
             `"erk"` (Erdos-Renyi-Kernel: small layers denser, often more accurate but more FLOPs) or `"global"`
-            (block scores compared across layers).
+            (block scores compared across layers; weights mode only).
+        selection_steps (`int`, defaults to 5):
+            Updates mode: steps over which the dense weight gradients are accumulated before each selection of
+            blocks (SpIEL's 5). The first selection ends step `selection_steps - 1`; until then nothing is trained.
+        modules_to_save (`list[str]`, *optional*):
+            Updates mode: modules trained densely and saved with the adapter, matched like `target_modules` (PEFT's
+            field). By default the classification head (`classifier` or `score`) when the model has one.
 
     Example:
     >>> from hf_sdt import SDTConfig
     >>> config = SDTConfig(target_modules=["q_proj", "v_proj"], density=0.5, block_size=32)
     >>> config.block_shape
     (32, 32)
+    >>> SDTConfig(mode="updates").density
+    0.05
     """
 
+    mode: str = field(
+        default="weights",
+        metadata={"help": f"{MODES}: block-sparse weights, or block-sparse updates of frozen pretrained weights."},
+    )
     target_modules: list[str] | str | None = field(
         default=ALL_LINEAR,
         metadata={
@@ -94,9 +128,12 @@ class SDTConfig:
         default=None,
         metadata={"help": "Modules never to sparsify, matched like target_modules."},
     )
-    density: float = field(
-        default=0.25,
-        metadata={"help": "Final fraction of active blocks per targeted layer, in (0, 1]."},
+    density: float | None = field(
+        default=None,
+        metadata={
+            "help": "Fraction of active blocks per targeted layer, in (0, 1] (default 0.25 in weights mode, 0.05 "
+            "in updates mode)."
+        },
     )
     block_size: int | tuple[int, int] = field(
         default=64,
@@ -123,7 +160,10 @@ class SDTConfig:
     schedule_end: float = field(
         default=0.5, metadata={"help": "Fraction of training steps at which the final density is reached."}
     )
-    update_interval: int = field(default=100, metadata={"help": "Steps between drop/grow topology updates."})
+    update_interval: int | None = field(
+        default=None,
+        metadata={"help": "Steps between drop/grow topology updates (default 100 in weights mode, 20 in updates)."},
+    )
     drop_fraction: float = field(
         default=0.3, metadata={"help": "Fraction of active blocks replaced at the first update (cosine decay)."}
     )
@@ -133,12 +173,32 @@ class SDTConfig:
     prune_criterion: str = field(default="magnitude", metadata={"help": f"Block score, one of {PRUNE_CRITERIA}."})
     grow_criterion: str = field(default="gradient", metadata={"help": f"Growth rule, one of {GROW_CRITERIA}."})
     distribution: str = field(default="uniform", metadata={"help": f"Density over layers, one of {DISTRIBUTIONS}."})
+    selection_steps: int = field(
+        default=5, metadata={"help": "Updates mode: steps of dense-gradient accumulation before each selection."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Updates mode: modules trained densely and saved with the adapter (default: the classifier "
+            "head, if any)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, list):
             self.block_size = tuple(self.block_size)
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = sorted(self.modules_to_save)
+        if self.mode not in MODES:
+            raise ValueError(
+                f"SDTConfig.mode must be one of {MODES}, got {self.mode!r}: 'updates' to fine-tune a pretrained "
+                "model, 'weights' to train a sparse one."
+            )
+        for name, value in MODE_DEFAULTS[self.mode].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
     def validate(self) -> None:
@@ -165,7 +225,7 @@ class SDTConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"SDTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}.")
-        if not self.density <= self.initial_density <= 1:
+        if self.mode == "weights" and not self.density <= self.initial_density <= 1:
             raise ValueError(
                 f"SDTConfig.initial_density must be in [density, 1] = [{self.density}, 1], got {self.initial_density}"
                 ": the schedule only prunes. Use 1.0 to start dense or the density itself to start sparse."
@@ -177,13 +237,16 @@ class SDTConfig:
             raise ValueError(
                 f"SDTConfig.schedule_start ({self.schedule_start}) must not exceed schedule_end ({self.schedule_end})."
             )
-        if (
-            isinstance(self.update_interval, bool)
-            or not isinstance(self.update_interval, int)
-            or self.update_interval < 1
-        ):
-            raise ValueError(f"SDTConfig.update_interval must be a positive int, got {self.update_interval!r}.")
-        for name in ("target_modules", "exclude_modules"):
+        for name in ("update_interval", "selection_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SDTConfig.{name} must be a positive int, got {value!r}.")
+        if self.mode == "updates" and self.distribution == "global":
+            raise ValueError(
+                "SDTConfig.distribution='global' moves blocks between layers, but in updates mode every layer keeps "
+                "a fixed number of trainable blocks (its parameter shape never changes); use 'uniform' or 'erk'."
+            )
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
             if name == "target_modules" and value is None:
                 raise ValueError("SDTConfig.target_modules must be set: a list of names, a regex or 'all-linear'.")

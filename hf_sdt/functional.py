@@ -1,10 +1,16 @@
 """Block-sparse linear products and backend dispatch.
 
-Three backends compute the same thing, forward Y = X (W*M)^T + b, backward dX = dY (W*M), dW = (dY^T X) * M:
+Weights mode (`sdt_linear`): three backends compute the same thing, forward Y = X (W*M)^T + b, backward
+dX = dY (W*M), dW = (dY^T X) * M:
 
 - ``reference``: the masked dense matmul, used by tests as the oracle (no saving at all);
 - ``torch``: the blocked PyTorch path below, whose work is proportional to the number of active blocks;
 - ``triton``: the GPU kernels of ``hf_sdt.kernels``.
+
+Updates mode (`sparse_update_linear`): the weight W = base + U is dense and frozen, the trainable updates U live in
+a compact (n, block_rows, block_cols) store (see `hf_sdt.blocks`). Forward and dX are one dense GEMM each on W;
+the gradient of U is dY^T X at its blocks only, written compact (blocked torch path or Triton kernel); the
+``reference`` backend forms the dense update and lets autograd compute everything.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .blocks import element_positions
 from .config import BACKENDS
 from .masks import block_grid, expand_block_mask, masked_fraction
 
@@ -275,11 +282,7 @@ def sdt_linear(
     backend = resolve_backend(backend, x.device, block)
     if backend == "reference":
         return reference_linear(x, weight, bias, mask, block)
-    if torch.is_autocast_enabled(x.device.type):
-        # Custom autograd Functions bypass autocast; cast as autocast casts F.linear's operands.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+    x, weight, bias = _autocast_operands(x, weight, bias)
     if layout is None:
         layout = build_layout(backend, mask, block, tuple(weight.shape))
     if backend == "torch" and not blocked_path_pays(layout, x.numel() // x.shape[-1], block):
@@ -287,6 +290,167 @@ def sdt_linear(
     ops = TritonOps if backend == "triton" else BlockedTorchOps
     x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (T, in), row-major so that column slices are BLAS operands
     out = BlockSparseLinearFunction.apply(x2d, weight, ops, layout)  # (T, out)
+    if bias is not None:
+        out = out + bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """Custom autograd Functions bypass autocast; cast the operands as autocast casts F.linear's."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+# -- updates mode -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompactLayout:
+    """Where the slots of a compact store lie in a (out, in) weight, for the gradient of updates mode.
+
+    `block_rows` / `block_cols` give each slot's block (int32, on the store's device: the Triton kernel's input);
+    `col_groups` (torch path only) holds, for each block-column with active blocks, (first column, end column,
+    rows of a row-padded dY^T that its slots read, the slots), built on the host when the topology changes.
+    """
+
+    block_rows: torch.Tensor
+    block_cols: torch.Tensor
+    col_groups: tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
+    grid: tuple[int, int]
+    block: tuple[int, int]
+    shape: tuple[int, int]
+
+
+def build_compact_layout(
+    backend: str, block_ids: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]
+) -> CompactLayout:
+    """The index structure the compact gradient of `backend` ("torch" or "triton") needs for `block_ids` (n,).
+
+    Example:
+        >>> layout = build_compact_layout("torch", torch.tensor([3, 0, 2]), (2, 2), (4, 4))
+        >>> [(c0, c1, slots.tolist()) for c0, c1, _, slots in layout.col_groups]
+        [(0, 2, [1, 2]), (2, 4, [0])]
+    """
+    grid = block_grid(shape, block)
+    rows, cols = block_ids // grid[1], block_ids % grid[1]
+    groups = []
+    if backend == "torch":
+        host_rows, host_cols = rows.cpu(), cols.cpu()
+        offsets = torch.arange(block[0])
+        for column in host_cols.unique().tolist():
+            slots = (host_cols == column).nonzero().flatten()
+            padded_rows = (host_rows[slots, None] * block[0] + offsets).flatten()  # (m * block_rows,)
+            c0, c1 = column * block[1], min((column + 1) * block[1], shape[1])
+            groups.append((c0, c1, padded_rows.to(block_ids.device), slots.to(block_ids.device)))
+    return CompactLayout(rows.to(torch.int32), cols.to(torch.int32), tuple(groups), grid, block, shape)
+
+
+def compact_grad_torch(grad_out: torch.Tensor, x: torch.Tensor, layout: CompactLayout) -> torch.Tensor:
+    """dY^T X at the slots' blocks, (n, block_rows, block_cols): one tall GEMM per block-column on gathered rows
+    of a row-padded dY^T (a GEMM per block, with its token-long reduction and block-sized output, runs far below
+    a CPU's peak). grad_out (T, out), x (T, in).
+
+    Example:
+        >>> layout = build_compact_layout("torch", torch.tensor([1]), (2, 2), (2, 3))
+        >>> compact_grad_torch(torch.ones(4, 2), torch.ones(4, 3), layout)
+        tensor([[[4., 0.],
+                 [4., 0.]]])
+    """
+    n_slots, block = layout.block_rows.numel(), layout.block
+    grad = grad_out.new_zeros(n_slots, *block)  # (n, rows, cols)
+    padded_t = grad_out.new_zeros(layout.grid[0] * block[0], grad_out.shape[0])  # (R * rows, T)
+    padded_t[: layout.shape[0]] = grad_out.t()
+    for c0, c1, padded_rows, slots in layout.col_groups:
+        products = padded_t.index_select(0, padded_rows) @ x[:, c0:c1]  # (m * rows, T) @ (T, w)
+        grad[:, :, : c1 - c0].index_copy_(0, slots, products.view(slots.numel(), block[0], c1 - c0))
+    return grad
+
+
+def compact_grad_triton(grad_out: torch.Tensor, x: torch.Tensor, layout: CompactLayout) -> torch.Tensor:
+    """The same product by the Triton kernel of `hf_sdt.kernels`, with no host synchronisation."""
+    return _kernels().block_sparse_grad_compact(
+        grad_out, x, layout.block_rows, layout.block_cols, layout.grid, layout.block
+    )
+
+
+class SparseUpdateLinearFunction(torch.autograd.Function):
+    """Y = X W^T for the frozen effective weight W = base + U (materialized by the layer); backward gives dX and
+    the gradient of the compact updates U, dY^T X at their blocks only: no dense weight gradient is formed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, updates: torch.Tensor, grad_fn, layout) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.grad_fn, ctx.layout, ctx.updates_dtype = grad_fn, layout, updates.dtype
+        return x @ weight.t()  # (T, out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, _, need_updates = ctx.needs_input_grad[:3]
+        grad_x = grad_out @ weight if need_x else None
+        grad_updates = ctx.grad_fn(grad_out, x, ctx.layout).to(ctx.updates_dtype) if need_updates else None
+        return grad_x, None, grad_updates, None, None
+
+
+def reference_update_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    updates: torch.Tensor,
+    block_ids: torch.Tensor,
+    block: tuple[int, int],
+) -> torch.Tensor:
+    """The dense oracle of updates mode: F.linear with the effective weight `weight` (= base + updates, already
+    materialized) plus `updates - updates.detach()` scattered densely, which adds exact zeros but routes the dense
+    weight gradient to the updates (their padding gets none).
+
+    Example:
+        >>> x, weight, updates = torch.ones(1, 3), torch.ones(2, 3), torch.zeros(1, 2, 2, requires_grad=True)
+        >>> reference_update_linear(x, weight, None, updates, torch.tensor([1]), (2, 2)).sum().backward()
+        >>> updates.grad
+        tensor([[[1., 0.],
+                 [1., 0.]]])
+    """
+    rows, cols, inside = element_positions(block_ids, block, tuple(weight.shape))
+    zeros = (updates - updates.detach()).to(weight.dtype)
+    dense = weight.new_zeros(weight.shape).index_put((rows[inside], cols[inside]), zeros[inside])
+    return F.linear(x, weight + dense, bias)
+
+
+def sparse_update_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    updates: torch.Tensor,
+    block_ids: torch.Tensor,
+    block: tuple[int, int],
+    backend: str = "auto",
+    layout: CompactLayout | None = None,
+) -> torch.Tensor:
+    """`F.linear` with a frozen effective weight (out, in) = base + updates, whose compact `updates`
+    (n, block_rows, block_cols) at the blocks `block_ids` (n,) get their gradient at those blocks only.
+
+    `layout` is the cached `build_compact_layout(...)` of the resolved backend; it is built here when omitted.
+
+    Example:
+        >>> x, weight = torch.randn(5, 8), torch.randn(4, 8)
+        >>> updates, ids = torch.zeros(2, 2, 4, requires_grad=True), torch.tensor([0, 3])
+        >>> y = sparse_update_linear(x, weight, None, updates, ids, (2, 4), backend="torch")
+        >>> y.sum().backward()
+        >>> updates.grad.shape
+        torch.Size([2, 2, 4])
+    """
+    backend = resolve_backend(backend, x.device, block)
+    if backend == "reference":
+        return reference_update_linear(x, weight, bias, updates, block_ids, block)
+    x, weight, bias = _autocast_operands(x, weight, bias)
+    if layout is None:
+        layout = build_compact_layout(backend, block_ids, block, tuple(weight.shape))
+    grad_fn = compact_grad_triton if backend == "triton" else compact_grad_torch
+    x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (T, in), row-major so that column slices are BLAS operands
+    out = SparseUpdateLinearFunction.apply(x2d, weight, updates, grad_fn, layout)  # (T, out)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])

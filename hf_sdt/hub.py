@@ -1,5 +1,8 @@
-"""Save, load and push SDT models: dense (vanilla-transformers compatible) and packed formats, and model cards.
+"""Save, load and push SDT models: dense (vanilla-transformers compatible) and packed formats, adapters, and cards.
 
+- Adapter (updates mode): `save_pretrained(model, dir)` writes `sdt_adapter_config.json` (the SDT config and the
+  base model's id) and `sdt_adapter.safetensors` (each layer's compact updates and block ids, and the tensors of
+  `modules_to_save`); `from_pretrained(dir_or_repo_id)` loads the base model and applies it exactly.
 - Dense format: `model.save_pretrained(dir)` as in transformers; weights with exact zeros, the `sdt_mask` buffers
   and `sdt_config` inside `config.json`. Vanilla `from_pretrained` loads it (the masks are reported as unused).
 - Packed format: `save_pretrained(model, dir, packed=True)` writes `config.json` and `sdt_packed.safetensors`, in
@@ -9,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
 import tempfile
 from typing import Any
@@ -17,13 +21,21 @@ import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig
 
+from .blocks import check_block_ids
 from .config import SDTConfig
-from .model import get_sdt_model, sdt_layers, sparsity_summary
+from .masks import block_grid
+from .model import find_target_modules, get_sdt_model, sdt_layers, sparsity_summary
 
+# Never `adapter_config.json`: transformers would then try to load a PEFT adapter.
+ADAPTER_CONFIG_NAME = "sdt_adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "sdt_adapter.safetensors"
+ADAPTER_FORMAT = "hf_sdt-adapter-1"
+UPDATES_SUFFIX = ".sdt_updates"
+BLOCK_IDS_SUFFIX = ".sdt_block_ids"
 PACKED_WEIGHTS_NAME = "sdt_packed.safetensors"
 PACKED_FORMAT = "hf_sdt-packed-1"
 ACTIVE_SUFFIX = ".weight.sdt_active"
@@ -31,8 +43,21 @@ MASK_SUFFIX = ".sdt_mask"
 CARD_IMAGES = ("sdt_density.png", "sdt_masks.png")
 
 
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, packed: bool = False, **kwargs) -> None:
-    """Save an SDT model: dense (`model.save_pretrained`, loadable by vanilla transformers) or `packed`, where the
+def save_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    packed: bool = False,
+    base_model: str | None = None,
+    revision: str | None = None,
+    **kwargs,
+) -> None:
+    """Save an SDT model.
+
+    Updates mode: only the adapter, whose size is about `density` times the targeted weights' fp32 bytes (plus the
+    block ids and `modules_to_save`), with the base model's id or folder (`base_model`, default the model's
+    `config._name_or_path`) and `revision`, so that `hf_sdt.from_pretrained(save_directory)` can rebuild it.
+
+    Weights mode: dense (`model.save_pretrained`, loadable by vanilla transformers) or `packed`, where the
     targeted weights take about `density` of their dense bytes and only `hf_sdt.from_pretrained` can read them.
 
     Example:
@@ -45,6 +70,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, packed:
     layers = sdt_layers(model)
     if not layers:
         raise ValueError("This model has no SDT layers; convert it with hf_sdt.get_sdt_model(model, SDTConfig(...)).")
+    if SDTConfig.from_dict(model.config.sdt_config).mode == "updates":
+        _save_adapter(model, str(save_directory), base_model, revision)
+        return
     if not packed:
         model.save_pretrained(save_directory, **kwargs)
         return
@@ -65,6 +93,134 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, packed:
     save_file(tensors, os.path.join(save_directory, PACKED_WEIGHTS_NAME), metadata={"format": PACKED_FORMAT})
 
 
+def _save_adapter(model: nn.Module, directory: str, base_model: str | None, revision: str | None) -> None:
+    os.makedirs(directory, exist_ok=True)
+    sdt_config = model.config.sdt_config
+    tensors = {}
+    for name, layer in sdt_layers(model).items():
+        tensors[name + UPDATES_SUFFIX] = layer.sdt_updates.detach().contiguous()  # (n, block_rows, block_cols)
+        tensors[name + BLOCK_IDS_SUFFIX] = layer.sdt_block_ids.contiguous()  # (n,)
+    for module_name in sdt_config["modules_to_save"]:
+        for key, value in model.get_submodule(module_name).state_dict().items():
+            tensors[f"{module_name}.{key}"] = value.detach().contiguous()
+    save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(directory, ADAPTER_WEIGHTS_NAME),
+              metadata={"format": ADAPTER_FORMAT})  # fmt: skip
+    description = {
+        "format": ADAPTER_FORMAT,
+        "base_model_name_or_path": base_model or getattr(model.config, "_name_or_path", None) or None,
+        "revision": revision,
+        "architectures": [type(model).__name__],
+        "sdt_config": sdt_config,
+    }
+    with open(os.path.join(directory, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as handle:
+        json.dump(description, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; an unreadable file is an error that names it."""
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+    except Exception as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({type(error).__name__}: {error}); it is corrupt or "
+            "incomplete (an interrupted save or download?): save or download it again."
+        ) from error
+
+
+def _load_adapter(folder: str, base_model, model_class, kwargs) -> nn.Module:
+    config_path = os.path.join(folder, ADAPTER_CONFIG_NAME)
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            description = json.load(handle)
+        sdt_config = SDTConfig.from_dict(description["sdt_config"])
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"{config_path} is not a valid hf_sdt adapter config ({error}).") from error
+    tensors, metadata = _read_safetensors(os.path.join(folder, ADAPTER_WEIGHTS_NAME))
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{os.path.join(folder, ADAPTER_WEIGHTS_NAME)} is not an hf_sdt adapter ({ADAPTER_FORMAT}).")
+    if isinstance(base_model, nn.Module):
+        model = base_model
+    else:
+        source = base_model or description.get("base_model_name_or_path")
+        if not source:
+            raise ValueError(
+                f"The adapter in {folder} records no base model; pass base_model= (a Hub id, a folder or a model)."
+            )
+        revision = None if base_model else description.get("revision")
+        cls = _model_class(description.get("architectures"), model_class)
+        try:
+            model = cls.from_pretrained(source, **({"revision": revision} if revision else {}), **kwargs)
+        except OSError as error:
+            raise OSError(
+                f"The adapter's base model {source!r} could not be loaded ({error}). Offline, pass base_model= with "
+                "the folder of a local copy."
+            ) from error
+    apply_adapter_(model, sdt_config, tensors, source=folder)
+    return model
+
+
+def apply_adapter_(model: nn.Module, sdt_config: SDTConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Apply adapter tensors (`<layer>.sdt_updates`, `<layer>.sdt_block_ids`, `modules_to_save` tensors) to `model`,
+    converting it first if it has no SDT layers. Everything is checked before the model is touched, so an adapter
+    for another base model (names or shapes differ) raises and leaves the model as it was.
+
+    Example:
+        >>> apply_adapter_(model, SDTConfig(mode="updates"), tensors, "adapter/")  # doctest: +SKIP
+    """
+    converted = bool(sdt_layers(model))
+    targets = list(sdt_layers(model)) if converted else find_target_modules(model, sdt_config)
+    saved = {key[: -len(UPDATES_SUFFIX)] for key in tensors if key.endswith(UPDATES_SUFFIX)}
+    if saved != set(targets):
+        missing, unexpected = sorted(set(targets) - saved), sorted(saved - set(targets))
+        raise ValueError(
+            f"The adapter from {source} does not fit {type(model).__name__}: no updates for {missing[:5]}, updates "
+            f"for layers it does not have {unexpected[:5]}. Is it an adapter for another base model?"
+        )
+    block = sdt_config.block_shape
+    ids = {}
+    for name in targets:
+        layer = model.get_submodule(name)
+        shape = _out_in_shape(layer)
+        ids[name] = tensors.get(name + BLOCK_IDS_SUFFIX, torch.empty(0, 0))
+        try:
+            check_block_ids(ids[name], block_grid(shape, block))
+            expected = (ids[name].numel(), *block)
+            if tuple(tensors[name + UPDATES_SUFFIX].shape) != expected:
+                raise ValueError(f"updates of shape {tuple(tensors[name + UPDATES_SUFFIX].shape)}, not {expected}")
+            if converted and (layer.block_size != block or layer.sdt_updates.shape != expected):
+                raise ValueError(f"the model's layer has {layer.sdt_updates.shape[0]} blocks of {layer.block_size}")
+        except ValueError as error:
+            raise ValueError(
+                f"The adapter from {source} does not fit layer {name!r} ({shape[0]} x {shape[1]}, blocks of {block}): "
+                f"{error}. Is it an adapter for another base model?"
+            ) from error
+    state = model.state_dict()
+    dense = {key: value for key, value in tensors.items() if not key.endswith((UPDATES_SUFFIX, BLOCK_IDS_SUFFIX))}
+    for key, value in dense.items():
+        if key not in state or state[key].shape != value.shape:
+            found = "no such tensor" if key not in state else f"shape {tuple(state[key].shape)}"
+            raise ValueError(
+                f"The adapter from {source} holds {key!r} of shape {tuple(value.shape)}; {type(model).__name__} has "
+                f"{found}. Is it an adapter for another base model?"
+            )
+    if not converted:
+        get_sdt_model(model, sdt_config, block_ids=ids)
+    with torch.no_grad():
+        for name, layer in sdt_layers(model).items():
+            layer.move_blocks_(torch.arange(ids[name].numel(), device=layer.sdt_block_ids.device), ids[name])
+            layer.sdt_updates.copy_(tensors[name + UPDATES_SUFFIX])
+        model.load_state_dict(dense, strict=False)
+
+
+def _out_in_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of an nn.Linear or SDT layer, or of a GPT-2 Conv1D (whose weight is (in, out))."""
+    if hasattr(layer, "out_features"):
+        return layer.out_features, layer.in_features
+    return layer.weight.shape[1], layer.weight.shape[0]
+
+
 def _resolve(repo_id_or_path: str, **hub_kwargs) -> str:
     if os.path.isdir(repo_id_or_path):
         return str(repo_id_or_path)
@@ -77,15 +233,15 @@ def _resolve(repo_id_or_path: str, **hub_kwargs) -> str:
         ) from error
 
 
-def _model_class(config, model_class):
+def _model_class(architectures: list[str] | None, model_class):
     if model_class is not None:
         return model_class
-    for architecture in getattr(config, "architectures", None) or []:
+    for architecture in architectures or []:
         if hasattr(transformers, architecture):
             return getattr(transformers, architecture)
     raise ValueError(
-        f"Cannot tell the model class from config.architectures={getattr(config, 'architectures', None)}; pass "
-        "model_class=, e.g. transformers.AutoModelForCausalLM."
+        f"Cannot tell the model class from architectures={architectures}; pass model_class=, e.g. "
+        "transformers.AutoModelForCausalLM."
     )
 
 
@@ -101,17 +257,25 @@ def _saved_tensors(folder: str, suffix: str) -> dict[str, torch.Tensor]:
     return found
 
 
-def from_pretrained(repo_id_or_path: str, model_class=None, **kwargs) -> nn.Module:
-    """Load an SDT model (local folder or Hub repo id, dense or packed) with its `SDTLinear` layers and masks.
+def from_pretrained(repo_id_or_path: str, model_class=None, base_model=None, **kwargs) -> nn.Module:
+    """Load an SDT model or adapter (local folder or Hub repo id) with its SDT layers.
 
-    `kwargs` go to the model class's `from_pretrained` (dense format), and `revision`, `token` and `cache_dir`
-    also to the Hub download. Nothing is returned half-loaded: any mismatch raises before the model is returned.
+    An adapter (updates mode) is applied exactly to its base model: the Hub id or folder it records, or
+    `base_model` (an id, a folder, or a loaded model, which is converted in place); the result can train further.
+    A weights-mode checkpoint (dense or packed) comes back with its `SDTLinear` layers and masks.
+
+    `kwargs` go to the model class's `from_pretrained`, and `revision`, `token` and `cache_dir` also to the Hub
+    download. Nothing is returned half-loaded: any mismatch raises before the model is returned or changed.
 
     Example:
         >>> model = from_pretrained("path/to/sdt-model")  # doctest: +SKIP
+        >>> model = from_pretrained("me/my-adapter", base_model="path/to/base")  # doctest: +SKIP
     """
     hub_kwargs = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
     folder = _resolve(repo_id_or_path, **hub_kwargs)
+    if os.path.isfile(os.path.join(folder, ADAPTER_CONFIG_NAME)):
+        base_kwargs = {key: value for key, value in kwargs.items() if key not in ("revision", "cache_dir")}
+        return _load_adapter(folder, base_model, model_class, base_kwargs)
     config = AutoConfig.from_pretrained(folder)
     stored = getattr(config, "sdt_config", None)
     if stored is None:
@@ -120,7 +284,7 @@ def from_pretrained(repo_id_or_path: str, model_class=None, **kwargs) -> nn.Modu
             "transformers, convert it with hf_sdt.get_sdt_model(model, SDTConfig(...)) and save that."
         )
     sdt_config = SDTConfig.from_dict(stored)
-    cls = _model_class(config, model_class)
+    cls = _model_class(getattr(config, "architectures", None), model_class)
     packed_path = os.path.join(folder, PACKED_WEIGHTS_NAME)
     if os.path.isfile(packed_path):
         return _load_packed(packed_path, config, cls, sdt_config)
@@ -137,10 +301,9 @@ def from_pretrained(repo_id_or_path: str, model_class=None, **kwargs) -> nn.Modu
 
 
 def _load_packed(path: str, config, cls, sdt_config: SDTConfig) -> nn.Module:
-    with safe_open(path, framework="pt") as handle:
-        if (handle.metadata() or {}).get("format") != PACKED_FORMAT:
-            raise ValueError(f"{path} is not an hf_sdt packed checkpoint (format {PACKED_FORMAT} expected).")
-    tensors = load_file(path)
+    tensors, metadata = _read_safetensors(path)
+    if metadata.get("format") != PACKED_FORMAT:
+        raise ValueError(f"{path} is not an hf_sdt packed checkpoint (format {PACKED_FORMAT} expected).")
     masks = {key[: -len(MASK_SUFFIX)]: value for key, value in tensors.items() if key.endswith(MASK_SUFFIX)}
     model = get_sdt_model(cls(config), sdt_config, masks=masks)
     state = {key: value for key, value in tensors.items() if not key.endswith(ACTIVE_SUFFIX)}

@@ -1,15 +1,81 @@
-"""`SDTLinear`: a linear layer whose weight is cut into blocks, of which only the active ones are used."""
+"""SDT layers: linear layers whose weight is cut into blocks, of which only the active ones are used.
+
+`SDTLinear` (weights mode): the weight itself is block-sparse. `SDTUpdateLinear` (updates mode): the pretrained
+weight is frozen and only a compact store of block updates is trained. Both derive from `SDTLayer`.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .functional import build_layout, reference_linear, resolve_backend, sdt_linear
+from .blocks import check_block_ids, gather_blocks, mask_of, scatter_blocks_
+from .functional import (
+    build_compact_layout,
+    build_layout,
+    reference_linear,
+    resolve_backend,
+    sdt_linear,
+    sparse_update_linear,
+)
 from .masks import block_grid, expand_block_mask, masked_fraction
 
 
-class SDTLinear(nn.Module):
+class SDTLayer(nn.Module):
+    """What both SDT layers share: the wrapped layer's parameters under their own names and layouts (`weight` is
+    (out, in) for `nn.Linear` and (in, out) for `Conv1D`, so state dicts stay loadable by vanilla transformers),
+    the block shape, the backend, and the bool `block_mask` of the (out, in) view of the weight."""
+
+    def __init__(self, base_layer: nn.Module, block_size: tuple[int, int], backend: str):
+        super().__init__()
+        self.is_conv1d = not isinstance(base_layer, nn.Linear)
+        if self.is_conv1d:  # transformers' Conv1D: weight (in, out)
+            self.in_features, self.out_features = base_layer.weight.shape
+        else:
+            self.out_features, self.in_features = base_layer.weight.shape
+        self.block_size = tuple(block_size)
+        self.backend = backend
+        self.weight = base_layer.weight
+        self.bias = base_layer.bias
+        # Kept out of the module tree (no duplicate state-dict keys); `unload` hands it back.
+        self.__dict__["base_layer"] = base_layer
+
+    @property
+    def weight_out_in(self) -> torch.Tensor:
+        """The weight as an (out, in) view, whatever the storage layout."""
+        return self.weight.t() if self.is_conv1d else self.weight
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Block-rows and block-columns of the (out, in) weight."""
+        return block_grid((self.out_features, self.in_features), self.block_size)
+
+    @property
+    def block_mask(self) -> torch.Tensor:
+        """Bool (block-rows, block-columns) mask of the active blocks."""
+        raise NotImplementedError
+
+    @property
+    def density(self) -> float:
+        """Fraction of weight elements inside active blocks."""
+        return masked_fraction(self.block_mask, self.block_size, (self.out_features, self.in_features))
+
+    def _base_layer_with(self, weight: torch.Tensor) -> nn.Module:
+        base_layer = self.__dict__["base_layer"]
+        base_layer.weight = weight
+        base_layer.bias = self.bias
+        return base_layer
+
+    def extra_repr(self) -> str:
+        kind = "Conv1D" if self.is_conv1d else "Linear"
+        return (
+            f"{kind}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"block_size={self.block_size}, active_blocks={int(self.block_mask.sum())}/{self.block_mask.numel()}, "
+            f"backend={self.backend!r}"
+        )
+
+
+class SDTLinear(SDTLayer):
     """Block-sparse drop-in for `nn.Linear` and GPT-2's `Conv1D`.
 
     The parameters keep their original names, shapes and layouts (`weight` is (out, in) for `nn.Linear` and
@@ -30,19 +96,8 @@ class SDTLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, block_size: tuple[int, int], mask: torch.Tensor, backend: str = "auto"):
-        super().__init__()
-        self.is_conv1d = not isinstance(base_layer, nn.Linear)
-        if self.is_conv1d:  # transformers' Conv1D: weight (in, out)
-            self.in_features, self.out_features = base_layer.weight.shape
-        else:
-            self.out_features, self.in_features = base_layer.weight.shape
-        self.block_size = tuple(block_size)
-        self.backend = backend
-        self.weight = base_layer.weight
-        self.bias = base_layer.bias
-        # Kept out of the module tree (no duplicate state-dict keys); `unload` hands it back.
-        self.__dict__["base_layer"] = base_layer
-        expected = block_grid((self.out_features, self.in_features), self.block_size)
+        super().__init__(base_layer, block_size, backend)
+        expected = self.grid
         if tuple(mask.shape) != expected:
             raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit this layer: expected {expected}.")
         self.register_buffer("sdt_mask", mask.to(device=self.weight.device, dtype=torch.bool).clone())
@@ -60,9 +115,8 @@ class SDTLinear(nn.Module):
         self.register_load_state_dict_post_hook(_apply_mask_after_load)
 
     @property
-    def weight_out_in(self) -> torch.Tensor:
-        """The weight as an (out, in) view, whatever the storage layout."""
-        return self.weight.t() if self.is_conv1d else self.weight
+    def block_mask(self) -> torch.Tensor:
+        return self.sdt_mask
 
     def storage_element_mask(self, block_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Element mask of `block_mask` (default: the layer's own mask) in the weight's storage layout, (in, out)
@@ -70,11 +124,6 @@ class SDTLinear(nn.Module):
         block_mask = self.sdt_mask if block_mask is None else block_mask
         element_mask = expand_block_mask(block_mask, self.block_size, (self.out_features, self.in_features))
         return element_mask.t() if self.is_conv1d else element_mask
-
-    @property
-    def density(self) -> float:
-        """Fraction of weight elements inside active blocks."""
-        return masked_fraction(self.sdt_mask, self.block_size, (self.out_features, self.in_features))
 
     def layout(self, backend: str):
         """The index structure of the current mask for `backend` ("torch" or "triton"), rebuilt only when the mask
@@ -121,20 +170,10 @@ class SDTLinear(nn.Module):
         grad = grad.detach().float()
         self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad
 
-    def unload(self) -> nn.Module:
-        """The original layer class with this layer's current parameters (zeros included)."""
-        base_layer = self.__dict__["base_layer"]
-        base_layer.weight = self.weight
-        base_layer.bias = self.bias
-        return base_layer
-
-    def extra_repr(self) -> str:
-        kind = "Conv1D" if self.is_conv1d else "Linear"
-        return (
-            f"{kind}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"block_size={self.block_size}, active_blocks={int(self.sdt_mask.sum())}/{self.sdt_mask.numel()}, "
-            f"backend={self.backend!r}"
-        )
+    def unload(self, merge: bool = True) -> nn.Module:
+        """The original layer class with this layer's current parameters (zeros included; `merge` has no other
+        choice in weights mode, where the sparse weight is the model)."""
+        return self._base_layer_with(self.weight)
 
 
 def _apply_mask_after_load(module: SDTLinear, incompatible_keys) -> None:
@@ -145,3 +184,105 @@ def _same_mask_state(state: tuple, mask: torch.Tensor) -> bool:
     """Whether `state` = (mask, version) still describes `mask`; identity, not address, so that a new tensor at
     a reused address never matches."""
     return bool(state) and state[0] is mask and state[1] == mask._version
+
+
+class SDTUpdateLinear(SDTLayer):
+    """Updates mode: a frozen pretrained `nn.Linear` / `Conv1D` plus trainable updates at a few active blocks.
+
+    State (all in the state dict): `weight`, frozen, holds the effective weight base + updates (materialized, so
+    that forward and dX are one dense GEMM each; outside the active blocks it is bit-identical to the pretrained
+    weight); `sdt_updates`, the one trainable parameter, fp32, (n_active, block_rows, block_cols), one slot per
+    active block; `sdt_block_ids` (n_active,), each slot's row-major block id; `sdt_base`, the pretrained values
+    of the active blocks in the weight's dtype, so that a dropped block returns exactly to them. The number of slots
+    never changes, so parameter shapes, optimizer states and DDP buckets stay valid through topology changes.
+
+    After the updates change (an optimizer step, a load), the next forward rewrites the active blocks of `weight`.
+
+    Args:
+        base_layer (`nn.Linear` or `Conv1D`): the pretrained layer; its parameters are reused (and frozen).
+        block_size (`tuple[int, int]`): block (rows, cols) in the (out, in) layout.
+        block_ids (`torch.Tensor`): (n_active,) distinct row-major ids of the trainable blocks.
+        backend (`str`): `"auto"`, `"triton"`, `"torch"` or `"reference"`, see `SDTConfig.backend`.
+
+    Example:
+    >>> layer = SDTUpdateLinear(nn.Linear(8, 4), (2, 4), torch.tensor([0, 3]), "torch")
+    >>> layer.sdt_updates.shape, layer.weight.requires_grad
+    (torch.Size([2, 2, 4]), False)
+    >>> layer(torch.randn(3, 8)).sum().backward()
+    >>> layer.sdt_updates.grad.shape
+    torch.Size([2, 2, 4])
+    """
+
+    def __init__(self, base_layer: nn.Module, block_size: tuple[int, int], block_ids: torch.Tensor, backend="auto"):
+        super().__init__(base_layer, block_size, backend)
+        check_block_ids(block_ids, self.grid)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        device = self.weight.device
+        self.register_buffer("sdt_block_ids", block_ids.to(device=device, dtype=torch.int64).clone())
+        self.register_buffer("sdt_base", gather_blocks(self.weight_out_in.detach(), self.sdt_block_ids, block_size))
+        self.sdt_updates = nn.Parameter(torch.zeros(block_ids.numel(), *block_size, device=device))
+        self._materialized: tuple = ()  # the state versions `weight` was last rewritten for
+        self._layout = None
+        self._layout_key: tuple = ()
+
+    @property
+    def block_mask(self) -> torch.Tensor:
+        return mask_of(self.sdt_block_ids, self.grid)
+
+    def _versions(self) -> tuple:
+        return tuple((t, t._version) for t in (self.sdt_updates, self.sdt_block_ids, self.sdt_base))
+
+    def _is_current(self, state: tuple) -> bool:
+        return bool(state) and all(
+            old[0] is new[0] and old[1] == new[1] for old, new in zip(state, self._versions(), strict=True)
+        )
+
+    @torch.no_grad()
+    def materialize_(self) -> None:
+        """Write base + updates into the active blocks of `weight` (skipped when nothing changed since)."""
+        if self._is_current(self._materialized):
+            return
+        effective = self.sdt_base.float() + self.sdt_updates.detach()
+        scatter_blocks_(self.weight_out_in, effective, self.sdt_block_ids, self.block_size)
+        self._materialized = self._versions()
+
+    def layout(self, backend: str):
+        """The compact-gradient index structure of the current blocks for `backend`, rebuilt when they change."""
+        ids = self.sdt_block_ids
+        if self._layout_key != (backend, ids, ids._version):
+            self._layout = build_compact_layout(backend, ids, self.block_size, (self.out_features, self.in_features))
+            self._layout_key = (backend, ids, ids._version)
+        return self._layout
+
+    @torch.no_grad()
+    def move_blocks_(self, slots: torch.Tensor, new_block_ids: torch.Tensor) -> None:
+        """Give `slots` to the blocks `new_block_ids` (inactive until now): the old blocks return exactly to their
+        pretrained values, the new ones start with a zero update. The caller resets their optimizer state."""
+        old_ids = self.sdt_block_ids[slots]
+        scatter_blocks_(self.weight_out_in, self.sdt_base[slots], old_ids, self.block_size)
+        ids = self.sdt_block_ids.clone()
+        ids[slots] = new_block_ids.to(ids)
+        check_block_ids(ids, self.grid)
+        self.sdt_block_ids.copy_(ids)
+        self.sdt_base[slots] = gather_blocks(self.weight_out_in, new_block_ids.to(ids), self.block_size)
+        self.sdt_updates[slots] = 0
+        self.materialize_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        self.materialize_()
+        backend = resolve_backend(self.backend, x.device, self.block_size)
+        layout = None if backend == "reference" else self.layout(backend)
+        return sparse_update_linear(
+            x, self.weight_out_in, self.bias, self.sdt_updates, self.sdt_block_ids, self.block_size, backend, layout
+        )
+
+    @torch.no_grad()
+    def unload(self, merge: bool = True) -> nn.Module:
+        """The original layer class, with the updates merged into its weight (`merge=True`) or with the pretrained
+        weight restored (`merge=False`)."""
+        self.materialize_()
+        if not merge:
+            scatter_blocks_(self.weight_out_in, self.sdt_base, self.sdt_block_ids, self.block_size)
+        return self._base_layer_with(self.weight)

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, SDTConfig
-from .layer import SDTLinear
+from .layer import SDTLayer, SDTLinear, SDTUpdateLinear
 from .masks import block_element_counts, block_grid, block_norms, topk_block_mask
 from .schedule import initial_density, target_block_counts
 from .topology import global_block_counts
@@ -20,6 +20,8 @@ from .topology import global_block_counts
 logger = logging.getLogger(__name__)
 
 LINEAR_LIKE = (nn.Linear, Conv1D)
+# The heads that updates mode trains densely by default (PEFT's modules_to_save for sequence classification).
+CLASSIFIER_HEADS = ("classifier", "score")
 
 
 def _matches(name: str, pattern: list[str] | str) -> bool:
@@ -56,6 +58,9 @@ def find_target_modules(model: nn.Module, config: SDTConfig) -> list[str]:
                     logger.warning("SDT target_modules entry %r matched no module of this model.", key)
     if config.exclude_modules is not None:
         targets = [name for name in targets if not _matches(name, config.exclude_modules)]
+    if config.mode == "updates":  # modules trained densely are not also given sparse updates
+        dense = find_modules_to_save(model, config)
+        targets = [name for name in targets if not any(name == m or name.startswith(m + ".") for m in dense)]
     if not targets:
         available = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
         raise ValueError(
@@ -73,6 +78,29 @@ def find_target_modules(model: nn.Module, config: SDTConfig) -> list[str]:
     return targets
 
 
+def find_modules_to_save(model: nn.Module, config: SDTConfig) -> list[str]:
+    """Qualified names of the modules updates mode trains densely: those `config.modules_to_save` names (matched
+    like `target_modules`), or by default the classification head (`classifier` / `score`) if the model has one.
+
+    Example:
+        >>> from transformers import BertConfig, BertForSequenceClassification
+        >>> bert = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        >>> find_modules_to_save(BertForSequenceClassification(bert), SDTConfig(mode="updates"))
+        ['classifier']
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    if config.modules_to_save is None:
+        return [name for name in names if name.rsplit(".", 1)[-1] in CLASSIFIER_HEADS]
+    found = [name for name in names if _matches(name, config.modules_to_save)]
+    for key in config.modules_to_save:
+        if not any(_matches(name, [key]) for name in found):
+            raise ValueError(
+                f"SDTConfig.modules_to_save entry {key!r} matched no module of {type(model).__name__}; name modules "
+                "as print(model) shows them, e.g. 'score' or 'classifier'."
+            )
+    return [name for name in found if not any(name.startswith(other + ".") for other in found)]
+
+
 def _check_not_tied(model: nn.Module, name: str, layer: nn.Module) -> None:
     input_embeddings = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
     if input_embeddings is not None and getattr(input_embeddings, "weight", None) is layer.weight:
@@ -82,17 +110,29 @@ def _check_not_tied(model: nn.Module, name: str, layer: nn.Module) -> None:
         )
 
 
-def get_sdt_model(model: nn.Module, config: SDTConfig, masks: dict[str, torch.Tensor] | None = None) -> nn.Module:
-    """Swap every targeted layer of `model` for an `SDTLinear` in place and return the same model object.
+def get_sdt_model(
+    model: nn.Module,
+    config: SDTConfig,
+    masks: dict[str, torch.Tensor] | None = None,
+    block_ids: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Swap every targeted layer of `model` for an SDT layer in place and return the same model object.
 
-    The initial mask keeps the blocks of largest Frobenius norm (so a pretrained model loses as little as
-    possible) at the schedule's starting density (`initial_density`, or `density` with `schedule="constant"`),
-    spread over layers by `distribution`: with `"uniform"` each layer keeps exactly `max(1, round(d * n_blocks))`
-    blocks. The other weights are set to exactly zero. The config is
-    stored as a dict in `model.config.sdt_config`, so it survives `save_pretrained`.
+    The config is stored as a dict in `model.config.sdt_config`, so it survives `save_pretrained`.
 
-    `masks` (layer name -> block mask) restores saved masks instead, as `hf_sdt.from_pretrained` does; their
+    Weights mode: each targeted layer becomes an `SDTLinear`. The initial mask keeps the blocks of largest Frobenius
+    norm (so a pretrained model loses as little as possible) at the schedule's starting density
+    (`initial_density`, or `density` with `schedule="constant"`), spread over layers by `distribution`: with
+    `"uniform"` each layer keeps exactly `max(1, round(d * n_blocks))` blocks. The other weights are set to exactly
+    zero. `masks` (layer name -> block mask) restores saved masks instead, as `hf_sdt.from_pretrained` does; their
     names must be exactly the targeted layers and their shapes must fit the weights.
+
+    Updates mode: each targeted layer becomes an `SDTUpdateLinear` with `max(1, round(density * n_blocks))`
+    trainable blocks (uniform; ERK spreads them by layer shape); every other parameter is frozen except those of
+    `modules_to_save`. The blocks start at random (seeded by `config.seed`): `SDTController` and `SDTTrainer`
+    replace them by gradient-chosen ones after `selection_steps` steps, while a plain loop without the controller
+    trains these random blocks (a static mask, as PEFT's SHiRA). `block_ids` (layer name -> (n,) block ids in slot
+    order) restores saved blocks instead, as `hf_sdt.from_pretrained` does for adapters.
 
     Example:
     >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -100,6 +140,10 @@ def get_sdt_model(model: nn.Module, config: SDTConfig, masks: dict[str, torch.Te
     >>> model = get_sdt_model(model, SDTConfig(density=0.5, block_size=16, schedule="constant"))
     >>> round(sparsity_summary(model)["density"], 2)
     0.5
+    >>> model = get_sdt_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2)),
+    ...                       SDTConfig(mode="updates", density=0.25, block_size=16))
+    >>> sum(p.numel() for p in model.parameters() if p.requires_grad)  # a quarter of the 49152 targeted weights
+    12288
     """
     if sdt_layers(model):
         raise ValueError(
@@ -113,17 +157,47 @@ def get_sdt_model(model: nn.Module, config: SDTConfig, masks: dict[str, torch.Te
         _check_not_tied(model, name, layer)
     weights = [layer.weight if isinstance(layer, nn.Linear) else layer.weight.t() for layer in layers]  # (out, in)
     shapes = [tuple(weight.shape) for weight in weights]
-    if masks is not None:
-        _check_saved_masks(masks, targets, shapes, block)
-        chosen = [masks[name].bool() for name in targets]
+    stored = config.to_dict()
+    if config.mode == "updates":
+        dense_modules = find_modules_to_save(model, config)
+        stored["modules_to_save"] = dense_modules
+        if block_ids is not None:
+            _check_saved_names(block_ids, targets, "block ids")
+        ids = [block_ids[name] for name in targets] if block_ids is not None else _random_block_ids(shapes, config)
+        model.requires_grad_(False)
+        for name in dense_modules:
+            model.get_submodule(name).requires_grad_(True)
+        new_layers = [
+            SDTUpdateLinear(layer, block, layer_ids, config.backend)
+            for layer, layer_ids in zip(layers, ids, strict=True)
+        ]
     else:
-        chosen = _initial_masks(weights, config)
-    for name, layer, mask in zip(targets, layers, chosen, strict=True):
+        if masks is not None:
+            _check_saved_masks(masks, targets, shapes, block)
+            chosen = [masks[name].bool() for name in targets]
+        else:
+            chosen = _initial_masks(weights, config)
+        new_layers = [
+            SDTLinear(layer, block, mask, config.backend) for layer, mask in zip(layers, chosen, strict=True)
+        ]
+    for name, new_layer in zip(targets, new_layers, strict=True):
         parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, SDTLinear(layer, block, mask, config.backend))
+        setattr(model.get_submodule(parent_name), child_name, new_layer)
     if hasattr(model, "config"):
-        model.config.sdt_config = config.to_dict()
+        model.config.sdt_config = stored
     return model
+
+
+def _random_block_ids(shapes: list[tuple[int, int]], config: SDTConfig) -> list[torch.Tensor]:
+    """Seeded random placeholder blocks of updates mode, as many per layer as `density` and `distribution` say."""
+    block = config.block_shape
+    counts = target_block_counts(shapes, block, config.density, config.distribution)
+    generator = torch.Generator().manual_seed(config.seed)
+    grids = [block_grid(shape, block) for shape in shapes]
+    return [
+        torch.randperm(rows * cols, generator=generator)[:count]
+        for (rows, cols), count in zip(grids, counts, strict=True)
+    ]
 
 
 def _initial_masks(weights: list[torch.Tensor], config: SDTConfig) -> list[torch.Tensor]:
@@ -141,14 +215,18 @@ def _initial_masks(weights: list[torch.Tensor], config: SDTConfig) -> list[torch
     return [topk_block_mask(score, count, generator) for score, count in zip(scores, counts, strict=True)]
 
 
-def _check_saved_masks(masks: dict[str, torch.Tensor], targets: list[str], shapes: list, block) -> None:
-    missing, unexpected = sorted(set(targets) - set(masks)), sorted(set(masks) - set(targets))
+def _check_saved_names(saved: dict[str, torch.Tensor], targets: list[str], what: str) -> None:
+    missing, unexpected = sorted(set(targets) - set(saved)), sorted(set(saved) - set(targets))
     if missing or unexpected:
         raise ValueError(
-            f"The saved masks do not match the layers the SDT config targets: missing masks for {missing[:5]}, "
-            f"masks for layers it does not target {unexpected[:5]}. Was the checkpoint saved from this model class "
+            f"The saved {what} do not match the layers the SDT config targets: missing {what} for {missing[:5]}, "
+            f"{what} for layers it does not target {unexpected[:5]}. Was the checkpoint saved from this model class "
             "with this sdt_config?"
         )
+
+
+def _check_saved_masks(masks: dict[str, torch.Tensor], targets: list[str], shapes: list, block) -> None:
+    _check_saved_names(masks, targets, "masks")
     for name, shape in zip(targets, shapes, strict=True):
         if tuple(masks[name].shape) != block_grid(shape, block):
             raise ValueError(
@@ -157,13 +235,16 @@ def _check_saved_masks(masks: dict[str, torch.Tensor], targets: list[str], shape
             )
 
 
-def sdt_layers(model: nn.Module) -> dict[str, SDTLinear]:
-    """The `SDTLinear` layers of `model` by qualified name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, SDTLinear)}
+def sdt_layers(model: nn.Module) -> dict[str, SDTLayer]:
+    """The SDT layers (`SDTLinear` or `SDTUpdateLinear`) of `model` by qualified name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, SDTLayer)}
 
 
-def unload(model: nn.Module) -> nn.Module:
-    """Swap every `SDTLinear` back to its original class (weights keep their zeros) and drop `sdt_config`.
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Swap every SDT layer back to its original class and drop `sdt_config`.
+
+    Weights mode: the weights keep their zeros. Updates mode: the pretrained weights come back (PEFT's `unload`),
+    or with `merge=True` the updates are merged into them (see `merge_and_unload`).
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -173,9 +254,25 @@ def unload(model: nn.Module) -> nn.Module:
     """
     for name, layer in sdt_layers(model).items():
         parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, layer.unload())
+        setattr(model.get_submodule(parent_name), child_name, layer.unload(merge=merge))
     if hasattr(model, "config") and hasattr(model.config, "sdt_config"):
         del model.config.sdt_config
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """A plain transformers model (base + updates) from an updates-mode SDT model, trainable as a whole again;
+    `save_pretrained` then writes a checkpoint that vanilla `from_pretrained` loads.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> config = SDTConfig(mode="updates", block_size=16)
+        >>> model = get_sdt_model(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)), config)
+        >>> type(merge_and_unload(model).transformer.h[0].mlp.c_fc).__name__
+        'Conv1D'
+    """
+    model = unload(model, merge=True)
+    model.requires_grad_(True)
     return model
 
 
@@ -206,8 +303,8 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
                 "name": name,
                 "shape": (layer.out_features, layer.in_features),
                 "block_size": layer.block_size,
-                "active_blocks": int(layer.sdt_mask.sum()),
-                "total_blocks": layer.sdt_mask.numel(),
+                "active_blocks": int(layer.block_mask.sum()),
+                "total_blocks": layer.block_mask.numel(),
                 "density": layer_density,
             }
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .blocks import block_ids_of
 from .masks import block_grid, block_norms, topk_block_mask
 
 
@@ -88,6 +89,25 @@ def drop_and_grow(
     dropped = mask & ~kept if kept is not None else mask.clone()
     grown = keep_top(candidates, grow_scores, count, generator)
     return (mask & ~dropped) | grown, dropped, grown
+
+
+def reassign_slots(
+    block_ids: torch.Tensor, dropped: torch.Tensor, grown: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The slots of a compact store whose blocks were `dropped` (bool block mask), in slot order, and the `grown`
+    block ids (ascending) they take: the other slots keep their blocks, values and optimizer state.
+
+    Example:
+        >>> dropped = torch.tensor([[False, False], [True, False]])
+        >>> grown = torch.tensor([[False, True], [False, False]])
+        >>> reassign_slots(torch.tensor([0, 2]), dropped, grown)
+        (tensor([1]), tensor([1]))
+    """
+    slots = dropped.flatten()[block_ids].nonzero().flatten()
+    new_ids = block_ids_of(grown)
+    if slots.numel() != new_ids.numel():
+        raise ValueError(f"{slots.numel()} slots were freed but {new_ids.numel()} blocks grown; they must match.")
+    return slots, new_ids
 
 
 def global_block_counts(

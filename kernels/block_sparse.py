@@ -6,7 +6,9 @@ Three products, each touching only the active blocks and accumulating in fp32:
 - backward dX = dY W = dY (W^T)^T: the same kernel on the transposed weight (a strided view), walking each
   block-column's active blocks through the transposed index (CSC): no atomics and no copies of values;
 - backward dW = dY^T X at the active blocks only (SDD): one program per (active block, token split); with few
-  active blocks the token reduction is split and fp32 partials are summed by a second kernel.
+  active blocks the token reduction is split and fp32 partials are summed by a second kernel. It writes either
+  into a weight-shaped tensor or into a compact (n_active, block_rows, block_cols) store, one slot per block (the
+  trainable updates of updates mode).
 
 The block of the mask is the tile of the kernels, so block rows and columns must be powers of two >= 16.
 Launchers take and return tensors; `build_block_metadata` rebuilds the indices on the device without any
@@ -120,8 +122,9 @@ def _grad_weight_kernel(
     T, OUT, IN, T_BUCKET, DENSITY_BUCKET, N_ACTIVE, TOKENS_PER_SPLIT,
     stride_dyt, stride_dyn, stride_xt, stride_xk, stride_dwn, stride_dwk,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, COMPACT: tl.constexpr,
 ):  # fmt: skip
+    """dW at the active block of program 0, over the token split of program 1 (see `_grad_weight_launch`)."""
     block = tl.program_id(0)
     split = tl.program_id(1)
     offs_n = (tl.load(block_rows_ptr + block).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -144,7 +147,7 @@ def _grad_weight_kernel(
         acc = tl.dot(tl.trans(dy), x, acc, input_precision=PRECISION)
     if SPLIT == 1:
         tl.store(
-            dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+            _grad_weight_address(dw_ptr, block, offs_n, offs_k, stride_dwn, stride_dwk, BLOCK_N, BLOCK_K, COMPACT),
             acc.to(dw_ptr.dtype.element_ty),
             mask=(offs_n[:, None] < OUT) & (offs_k[None, :] < IN),
         )
@@ -154,10 +157,20 @@ def _grad_weight_kernel(
 
 
 @triton.jit
+def _grad_weight_address(dw_ptr, block, offs_n, offs_k, stride_dwn, stride_dwk, BLOCK_N, BLOCK_K, COMPACT):
+    """Where the tile of active block `block` (global rows `offs_n`, columns `offs_k`) goes: its place in the
+    weight, or its slot of the compact (n_active, BLOCK_N, BLOCK_K) store."""
+    if COMPACT:
+        tile = tl.arange(0, BLOCK_N)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+        return dw_ptr + block.to(tl.int64) * BLOCK_N * BLOCK_K + tile
+    return dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk
+
+
+@triton.jit
 def _sum_partials_kernel(
     partial_ptr, dw_ptr, block_rows_ptr, block_cols_ptr,
     OUT, IN, N_ACTIVE, stride_dwn, stride_dwk,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, COMPACT: tl.constexpr,
 ):  # fmt: skip
     block = tl.program_id(0)
     offs_n = tl.load(block_rows_ptr + block).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -167,7 +180,7 @@ def _sum_partials_kernel(
     for split in range(SPLIT):
         acc += tl.load(partial_ptr + (split * N_ACTIVE + block).to(tl.int64) * BLOCK_N * BLOCK_K + tile)
     tl.store(
-        dw_ptr + offs_n[:, None] * stride_dwn + offs_k[None, :] * stride_dwk,
+        _grad_weight_address(dw_ptr, block, offs_n, offs_k, stride_dwn, stride_dwk, BLOCK_N, BLOCK_K, COMPACT),
         acc.to(dw_ptr.dtype.element_ty),
         mask=(offs_n[:, None] < OUT) & (offs_k[None, :] < IN),
     )
@@ -184,19 +197,20 @@ def supports_block(block: tuple[int, int]) -> bool:
 
 
 def _launch_args(
-    x: torch.Tensor, weight: torch.Tensor, n_active: int, grid: tuple[int, int], block: tuple[int, int]
+    x: torch.Tensor, weight_shape: tuple[int, int], n_active: int, grid: tuple[int, int], block: tuple[int, int]
 ) -> dict:
-    """Checks shapes and returns the arguments every product kernel shares (`grid`: block-rows, block-columns)."""
+    """Checks shapes and returns the arguments every product kernel shares (`weight_shape`: (out, in); `grid`:
+    block-rows, block-columns)."""
     if not supports_block(block):
         raise ValueError(f"The Triton kernels need block sides that are powers of two >= 16, got {block}.")
-    if x.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"Expected 2-D tensors, got {tuple(x.shape)} and {tuple(weight.shape)}.")
+    if x.dim() != 2 or len(weight_shape) != 2:
+        raise ValueError(f"Expected 2-D tensors, got {tuple(x.shape)} and {tuple(weight_shape)}.")
     # fp32 follows PyTorch's own matmul setting, so the kernels agree with F.linear on the same inputs.
     tf32 = x.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
     return {
         "T": x.shape[0],
-        "OUT": weight.shape[0],
-        "IN": weight.shape[1],
+        "OUT": weight_shape[0],
+        "IN": weight_shape[1],
         "T_BUCKET": triton.next_power_of_2(max(x.shape[0], 1)),
         "DENSITY_BUCKET": round(20 * n_active / (grid[0] * grid[1])),
         "BLOCK_N": block[0],
@@ -214,7 +228,7 @@ def _dense_sparse_t(
 ) -> torch.Tensor:
     """x (T, in) @ weight^T for a block-sparse weight (out, in) given in block-CSR."""
     grid = (row_offsets.numel() - 1, triton.cdiv(weight.shape[1], block[1]))
-    args = _launch_args(x, weight, block_cols.numel(), grid, block)
+    args = _launch_args(x, tuple(weight.shape), block_cols.numel(), grid, block)
     if x.shape[1] != args["IN"]:
         raise ValueError(f"The input has {x.shape[1]} features but the weight expects {args['IN']}.")
     y = x.new_empty(args["T"], args["OUT"])
@@ -262,11 +276,46 @@ def block_sparse_grad_weight(
     When there are fewer active blocks than `target_programs` (default: two waves of the GPU's SMs), the token
     reduction is split and fp32 partials are summed by a second kernel, which keeps the result deterministic.
     """
-    n_active = meta.block_rows.numel()
-    args = _launch_args(x, weight, n_active, (meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1), block)
+    grid = (meta.row_offsets.numel() - 1, meta.col_offsets.numel() - 1)
     grad_w = torch.zeros_like(weight)
+    strides = (grad_w.stride(0), grad_w.stride(1))
+    return _grad_weight_launch(grad_out, x, grad_w, strides, meta.block_rows, meta.block_cols, grid, block,
+                               target_programs, compact=False)  # fmt: skip
+
+
+def block_sparse_grad_compact(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    block_rows: torch.Tensor,
+    block_cols: torch.Tensor,
+    grid: tuple[int, int],
+    block: tuple[int, int],
+    target_programs: int | None = None,
+) -> torch.Tensor:
+    """dW = grad_out^T (out, T) @ x (T, in) at the blocks (`block_rows`, `block_cols`) (n,), written compact as
+    (n, block_rows, block_cols), slot i for block i; the padding of partial edge blocks is zero. `grid` is the
+    (block-rows, block-columns) grid of the (out, in) weight.
+
+    Example:
+        >>> dy, x, rows, cols = torch.randn(8, 32), torch.randn(8, 32), torch.tensor([1]), torch.tensor([0])
+        >>> block_sparse_grad_compact(dy, x, rows, cols, (2, 2), (16, 16)).shape  # doctest: +SKIP
+        torch.Size([1, 16, 16])
+    """
+    grad = torch.zeros(block_rows.numel(), *block, dtype=x.dtype, device=x.device)  # (n, rows, cols)
+    rows, cols = block_rows.to(torch.int32), block_cols.to(torch.int32)
+    return _grad_weight_launch(grad_out, x, grad, (0, 0), rows, cols, grid, block, target_programs, compact=True)
+
+
+def _grad_weight_launch(
+    grad_out, x, grad, grad_strides, block_rows, block_cols, grid, block, target_programs, compact: bool
+) -> torch.Tensor:
+    """Runs the dW kernel over the blocks (`block_rows`, `block_cols`) into `grad` (weight-shaped or compact)."""
+    n_active = block_rows.numel()
+    args = _launch_args(x, (grad_out.shape[1], x.shape[1]), n_active, grid, block)
+    if grad_out.shape[0] != args["T"]:
+        raise ValueError(f"grad_out has {grad_out.shape[0]} tokens but x has {args['T']}.")
     if n_active == 0:
-        return grad_w
+        return grad
     if target_programs is None:
         target_programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
     max_split = triton.cdiv(args["T"], 64)  # the smallest token tile of the configs
@@ -275,14 +324,14 @@ def block_sparse_grad_weight(
     split = triton.cdiv(args["T"], tokens_per_split)
     partial = x.new_empty((split, n_active, *block) if split > 1 else (1,), dtype=torch.float32)
     _grad_weight_kernel[(n_active, split)](
-        grad_out, x, grad_w, partial, meta.block_rows, meta.block_cols,
+        grad_out, x, grad, partial, block_rows, block_cols,
         N_ACTIVE=n_active, TOKENS_PER_SPLIT=tokens_per_split,
         stride_dyt=grad_out.stride(0), stride_dyn=grad_out.stride(1), stride_xt=x.stride(0), stride_xk=x.stride(1),
-        stride_dwn=grad_w.stride(0), stride_dwk=grad_w.stride(1), SPLIT=split, **args,
+        stride_dwn=grad_strides[0], stride_dwk=grad_strides[1], SPLIT=split, COMPACT=compact, **args,
     )  # fmt: skip
     if split > 1:
         _sum_partials_kernel[(n_active,)](
-            partial, grad_w, meta.block_rows, meta.block_cols, args["OUT"], args["IN"], n_active,
-            grad_w.stride(0), grad_w.stride(1), BLOCK_N=block[0], BLOCK_K=block[1], SPLIT=split,
+            partial, grad, block_rows, block_cols, args["OUT"], args["IN"], n_active,
+            grad_strides[0], grad_strides[1], BLOCK_N=block[0], BLOCK_K=block[1], SPLIT=split, COMPACT=compact,
         )  # fmt: skip
-    return grad_w
+    return grad

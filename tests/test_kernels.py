@@ -122,10 +122,10 @@ from triton.runtime import Autotuner
 from triton.compiler import ASTSource, compile
 from hf_sdt.kernels import block_sparse as kernels
 
-dtype, block, split = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+dtype, block, split, compact = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "compact"
 index_pointers = {"row_offsets_ptr", "block_cols_ptr", "col_offsets_ptr", "csc_rows_ptr", "block_rows_ptr"}
 constants = {"BLOCK_N": block, "BLOCK_K": block, "BLOCK_T": 128, "PRECISION": "ieee" if dtype == "fp32" else "tf32",
-             "SPLIT": split}
+             "SPLIT": split, "COMPACT": compact}
 for kernel in (kernels._dense_sparse_t_kernel, kernels._grad_weight_kernel, kernels._sum_partials_kernel):
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     signature = {}
@@ -147,13 +147,15 @@ for kernel in (kernels._dense_sparse_t_kernel, kernels._grad_weight_kernel, kern
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,block,split", [("bf16", 128, 1), ("bf16", 64, 4), ("fp32", 64, 1)])
-def test_kernels_compile_for_hopper(dtype, block, split):
+@pytest.mark.parametrize(
+    "dtype,block,split,store", [("bf16", 128, 1, "dense"), ("bf16", 64, 4, "compact"), ("fp32", 64, 1, "dense")]
+)
+def test_kernels_compile_for_hopper(dtype, block, split, store):
     """The interpreter does not compile; this builds every kernel for sm_90 (Hopper) with Triton's own ptxas."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     result = subprocess.run(
-        [sys.executable, "-c", AOT_COMPILE, dtype, str(block), str(split)],
+        [sys.executable, "-c", AOT_COMPILE, dtype, str(block), str(split), store],
         capture_output=True,
         text=True,
         env=env,

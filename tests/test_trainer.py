@@ -12,9 +12,10 @@ from sdt_helpers import ByteChunks, make_config, tiny_gpt2, train_and_save_state
 from transformers import TrainerCallback
 
 from hf_sdt import SDTConfig, get_sdt_model, sdt_layers
+from hf_sdt.controller import SDTController
 from hf_sdt.masks import expand_block_mask
 from hf_sdt.schedule import density_at, target_block_counts
-from hf_sdt.trainer import SDT_STATE_NAME, SDTController, SDTTrainer
+from hf_sdt.trainer import SDT_STATE_NAME, SDTTrainer
 
 
 def layer_shapes(model):
