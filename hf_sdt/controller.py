@@ -23,7 +23,7 @@ from torch import nn
 from .config import SDTConfig
 from .layer import SDTLinear, SDTUpdateLinear
 from .masks import block_element_counts, block_norms, topk_block_mask
-from .model import sdt_layers
+from .model import sdt_layers, weighted_mean
 from .schedule import density_at, drop_fraction_at, is_update_step, target_block_counts
 from .topology import block_abs_sums, drop_and_grow, global_block_counts, keep_top, prune_scores, reassign_slots
 
@@ -182,9 +182,10 @@ class SDTController:
     )
 
     def _density(self) -> float:
-        elements = [layer.out_features * layer.in_features for layer in self.layers.values()]
-        active = sum(layer.density * size for layer, size in zip(self.layers.values(), elements, strict=True))
-        return active / sum(elements)
+        return weighted_mean(self.layers.values(), "density")
+
+    def _linear_flops(self) -> float:
+        return weighted_mean(self.layers.values(), "flops_fraction")
 
     def _check_layer_names(self, names) -> None:
         unknown = set(names) - set(self.layers)
@@ -228,7 +229,7 @@ class WeightsController(SDTController):
         self._scores: dict[str, torch.Tensor] | None = None  # this step's prune scores, see _step_prune_scores
         # Kept on the host so that a regular step never reads a mask back from the GPU.
         self._active_counts = [int(layer.sdt_mask.sum()) for layer in self.layers.values()]
-        self._flops_ratio = self._step_flops_ratio = self._density()
+        self._flops_ratio = self._step_flops_ratio = self._linear_flops()
         for layer in self.layers.values():
             layer.track_input_norms = config.prune_criterion == "wanda"
 
@@ -377,7 +378,7 @@ class WeightsController(SDTController):
             self._active_counts[index] = active
             layer.update_mask_(mask, active)
             reset_optimizer_state(optimizer, layer.weight, layer.storage_element_mask(changed))
-        self._flops_ratio = self._density()
+        self._flops_ratio = self._linear_flops()
         if drop_grow:
             self.churn = grown_total / max(sum(self._active_counts), 1)
             self.taylor.clear()
@@ -408,7 +409,7 @@ class UpdatesController(SDTController):
         super().__init__(model, config, total_steps)
         self.grad_energy: dict[str, torch.Tensor] = {}  # layer -> (block-rows, block-cols) fp32
         self.capturing = False
-        self._flops_ratio = self._step_flops_ratio = self._regular_flops_ratio()
+        self._flops_ratio = self._step_flops_ratio = self._linear_flops()
         self._hooks = [layer.register_forward_hook(self._capture_hook(name)) for name, layer in self.layers.items()]
 
     @property
@@ -462,10 +463,6 @@ class UpdatesController(SDTController):
         }
 
     # -- internals ----------------------------------------------------------------------------------------------
-
-    def _regular_flops_ratio(self) -> float:
-        """Forward and dX are dense, the weight gradient covers the trainable blocks only: (2 + density) / 3."""
-        return (2 + self._density()) / 3
 
     def _capture_hook(self, name: str):
         def hook(layer: SDTUpdateLinear, inputs, output):

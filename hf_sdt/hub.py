@@ -351,7 +351,8 @@ def _plot(model: nn.Module, directory: str) -> None:
     axis.set_yticks(range(len(names)), names, fontsize=6)
     axis.invert_yaxis()
     axis.set_xlim(0, 1)
-    axis.set_xlabel("density (fraction of the weight in active blocks)")
+    what = "trained" if summary["mode"] == "updates" else "active"
+    axis.set_xlabel(f"density (fraction of the weight in {what} blocks)")
     axis.set_title(f"SDT layers: overall density {summary['density']:.3f}")
     figure.tight_layout()
     figure.savefig(os.path.join(directory, CARD_IMAGES[0]), dpi=100)
@@ -367,9 +368,10 @@ def _plot(model: nn.Module, directory: str) -> None:
         axis.axis("on")  # a frame shows the whole block grid; the ticks would only clutter it
         axis.set_xticks([])
         axis.set_yticks([])
-        axis.imshow(layer.sdt_mask.cpu().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+        axis.imshow(layer.block_mask.cpu().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
         axis.set_title(name.split(".", 1)[-1][-24:], fontsize=5)
-    figure.suptitle("Active blocks (dark) of each SDT layer", fontsize=8)
+    what = "Trained" if summary["mode"] == "updates" else "Active"
+    figure.suptitle(f"{what} blocks (dark) of each SDT layer", fontsize=8)
     figure.tight_layout()
     figure.savefig(os.path.join(directory, CARD_IMAGES[1]), dpi=100)
     plt.close(figure)
@@ -386,7 +388,8 @@ def write_model_card(
     flops_saved: float | None = None,
     packed: bool = False,
 ) -> ModelCard:
-    """Write `README.md` (from `model_cards/sdt_model_card.md`) and its two PNG pictures into `directory`.
+    """Write `README.md` (from `model_cards/sdt_model_card.md`) and its two PNG pictures into `directory`; an
+    updates-mode model gets an adapter card (`base_model_relation: adapter`, a picture of the trained blocks).
 
     Example:
         >>> write_model_card(model, "out", repo_id="me/sparse-gpt2", metrics={"eval_loss": 3.1})  # doctest: +SKIP
@@ -396,22 +399,29 @@ def write_model_card(
     summary = sparsity_summary(model)
     config = SDTConfig.from_dict(model.config.sdt_config)
     metrics = metrics or {}
+    adapter = config.mode == "updates"
     card_data = ModelCardData(
         library_name="hf_sdt",
         tags=["sdt", "sparse", "block-sparse", "hf_sdt"],
         base_model=base_model,
+        base_model_relation="adapter" if adapter else None,
         datasets=datasets,
         metrics=sorted(metrics) or None,
     )
     _plot(model, directory)
     template = importlib.resources.files("hf_sdt.model_cards") / "sdt_model_card.md"
-    densities = (
-        f"at {config.density}" if config.schedule == "constant" else f"{config.initial_density} -> {config.density}"
-    )
-    schedule = (
-        f"{config.schedule} {densities}; drop/grow every {config.update_interval} steps "
-        f"({config.prune_criterion} / {config.grow_criterion}, {config.distribution})"
-    )
+    if adapter:
+        schedule = (
+            f"blocks chosen by gradient over {config.selection_steps} steps, drop/grow every "
+            f"{config.update_interval} steps ({config.distribution})"
+        )
+    else:
+        constant = config.schedule == "constant"
+        densities = f"at {config.density}" if constant else f"{config.initial_density} -> {config.density}"
+        schedule = (
+            f"{config.schedule} {densities}; drop/grow every {config.update_interval} steps "
+            f"({config.prune_criterion} / {config.grow_criterion}, {config.distribution})"
+        )
     card = ModelCard.from_template(
         card_data,
         template_str=template.read_text(encoding="utf-8"),
@@ -428,6 +438,7 @@ def write_model_card(
         wall_time="not measured" if training_seconds is None else f"{training_seconds:.0f} s",
         metrics={name: f"{value:.4g}" for name, value in metrics.items()},
         packed=packed,
+        adapter=adapter,
     )
     card.save(os.path.join(directory, "README.md"))
     return card

@@ -60,6 +60,11 @@ class SDTLayer(nn.Module):
         """Fraction of weight elements inside active blocks."""
         return masked_fraction(self.block_mask, self.block_size, (self.out_features, self.in_features))
 
+    @property
+    def flops_fraction(self) -> float:
+        """Multiply-adds of a training step's three products (forward, dX, dW) relative to the dense layer's."""
+        raise NotImplementedError
+
     def _base_layer_with(self, weight: torch.Tensor) -> nn.Module:
         base_layer = self.__dict__["base_layer"]
         base_layer.weight = weight
@@ -117,6 +122,10 @@ class SDTLinear(SDTLayer):
     @property
     def block_mask(self) -> torch.Tensor:
         return self.sdt_mask
+
+    @property
+    def flops_fraction(self) -> float:
+        return self.density  # each product reads only the active blocks
 
     def storage_element_mask(self, block_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Element mask of `block_mask` (default: the layer's own mask) in the weight's storage layout, (in, out)
@@ -230,6 +239,10 @@ class SDTUpdateLinear(SDTLayer):
     @property
     def block_mask(self) -> torch.Tensor:
         return mask_of(self.sdt_block_ids, self.grid)
+
+    @property
+    def flops_fraction(self) -> float:
+        return (2 + self.density) / 3  # forward and dX are dense, the weight gradient covers the active blocks
 
     def _versions(self) -> tuple:
         return tuple((t, t._version) for t in (self.sdt_updates, self.sdt_block_ids, self.sdt_base))

@@ -276,12 +276,20 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return model
 
 
+def weighted_mean(layers, attribute: str) -> float:
+    """Mean of a per-layer value (`density`, `flops_fraction`) over SDT layers, weighted by their weight sizes."""
+    layers = list(layers)
+    sizes = [layer.out_features * layer.in_features for layer in layers]
+    return sum(getattr(layer, attribute) * size for layer, size in zip(layers, sizes, strict=True)) / sum(sizes)
+
+
 def sparsity_summary(model: nn.Module) -> dict[str, Any]:
     """Density of the SDT layers of `model` and the multiply-adds their block-sparse products need.
 
-    Returns a dict with `density` (active fraction of all targeted weight elements), `linear_flops_ratio`
-    (sparse / dense multiply-adds of the targeted layers for the forward and both gradients; each product scales
-    with the active elements, so this is the active fraction) and `layers`, one dict per layer with `name`,
+    Returns a dict with `mode`, `density` (active, or in updates mode trainable, fraction of all targeted weight
+    elements), `linear_flops_ratio` (sparse / dense multiply-adds of the targeted layers for the forward and both
+    gradients: the active fraction in weights mode, (2 + density) / 3 in updates mode, whose forward and dX are
+    dense) and `layers`, one dict per layer with `name`,
     `shape` (out, in), `block_size`, `active_blocks`, `total_blocks` and `density`.
 
     Example:
@@ -292,12 +300,7 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
         6
     """
     layers = []
-    active = total = 0
     for name, layer in sdt_layers(model).items():
-        elements = layer.out_features * layer.in_features
-        layer_density = layer.density
-        active += layer_density * elements
-        total += elements
         layers.append(
             {
                 "name": name,
@@ -305,13 +308,18 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
                 "block_size": layer.block_size,
                 "active_blocks": int(layer.block_mask.sum()),
                 "total_blocks": layer.block_mask.numel(),
-                "density": layer_density,
+                "density": layer.density,
             }
         )
     if not layers:
         raise ValueError("This model has no SDT layers; convert it with hf_sdt.get_sdt_model(model, SDTConfig(...)).")
-    density = active / total
-    return {"density": density, "linear_flops_ratio": density, "layers": layers}
+    modules = sdt_layers(model).values()
+    return {
+        "mode": "updates" if isinstance(next(iter(modules)), SDTUpdateLinear) else "weights",
+        "density": weighted_mean(modules, "density"),
+        "linear_flops_ratio": weighted_mean(modules, "flops_fraction"),
+        "layers": layers,
+    }
 
 
 def print_sparsity_summary(model: nn.Module, file: Any | None = None) -> None:
@@ -325,7 +333,7 @@ def print_sparsity_summary(model: nn.Module, file: Any | None = None) -> None:
         blocks = f"{layer['active_blocks']}/{layer['total_blocks']}"
         rows.append(f"{layer['name']:<{width}}  {shape:>13}  {block:>9}  {blocks:>13}  {layer['density']:>7.3f}")
     rows.append(
-        f"{len(summary['layers'])} SDT layers, density {summary['density']:.4f}, "
+        f"{len(summary['layers'])} SDT layers ({summary['mode']} mode), density {summary['density']:.4f}, "
         f"linear FLOPs ratio {summary['linear_flops_ratio']:.4f} of dense"
     )
     print("\n".join(rows), file=file)

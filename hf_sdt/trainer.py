@@ -15,6 +15,7 @@ import os
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import SDTConfig
 from .controller import SDTController
@@ -67,6 +68,9 @@ class SDTTrainer(Trainer):
     (`sdt/density`, `sdt/linear_flops_ratio`, `sdt/linear_flops_saved`, `sdt/churn`, `sdt/update_seconds`) are
     logged with the loss, and the SDT state is saved in every checkpoint and restored by
     `train(resume_from_checkpoint=...)`.
+
+    In updates mode (`SDTConfig(mode="updates")`), checkpoints, `save_model()` and `push_to_hub()` write the
+    adapter only (`hf_sdt.save_pretrained`), about `density` of the targeted weights' size, with an adapter card.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
@@ -129,16 +133,36 @@ class SDTTrainer(Trainer):
             flops_saved=controller.metrics()["sdt/linear_flops_saved"] if controller else None,
         )
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """In updates mode, write the adapter (not the whole model) with the processing class and arguments."""
+        if self.sdt_config.mode != "updates":
+            super()._save(output_dir, state_dict)
+            return
+        if not self.args.should_save:
+            return
+        from .hub import save_pretrained
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_pretrained(self.accelerator.unwrap_model(self.model), output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Refresh the SDT card in the output folder, so that every intermediate push carries the current one."""
         self.create_model_card()
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Also read the SDT state saved beside the checkpoint's weights."""
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        """Also read the SDT state saved beside the checkpoint's weights (in updates mode, the adapter)."""
+        if self.sdt_config.mode == "updates":
+            from .hub import from_pretrained
+
+            from_pretrained(resume_from_checkpoint, base_model=model if model is not None else self.model)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, SDT_STATE_NAME)
         if os.path.isfile(path):
-            self.sdt_callback.pending_state = torch.load(path, weights_only=False)
+            self.sdt_callback.pending_state = torch.load(path, weights_only=True)
         else:
             logger.warning("No %s in %s: the SDT schedule restarts its accumulators.", SDT_STATE_NAME, path)
