@@ -22,13 +22,14 @@ from .config import ALL_LINEAR, SDTConfig
 from .training import DataArguments, ModelArguments, run_training
 
 REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
+LIST_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
 
 
 def _sdt_value(name: str, values: list) -> object:
     """Turn the command-line tokens of an SDTConfig field into its value."""
     if name == "block_size":
         return values[0] if len(values) == 1 else tuple(values)
-    if name in ("target_modules", "exclude_modules"):
+    if name in LIST_FIELDS:
         single = values[0] if len(values) == 1 else None
         if single is not None and (single == ALL_LINEAR or REGEX_CHARACTERS & set(single)):
             return single  # one name with regex characters (or "all-linear") is a regex, as in SDTConfig
@@ -43,12 +44,22 @@ def add_sdt_arguments(parser: argparse.ArgumentParser) -> None:
         if spec.name == "seed":
             continue  # one seed per run: TrainingArguments' --seed also seeds SDT
         help_text = spec.metadata.get("help", "")
-        if spec.name in ("target_modules", "exclude_modules", "block_size"):
+        if spec.name in (*LIST_FIELDS, "block_size"):
             kind = int if spec.name == "block_size" else str
             group.add_argument(f"--{spec.name}", nargs="+", type=kind, default=None, help=help_text)
         else:
-            group.add_argument(f"--{spec.name}", type=type(spec.default), default=None, help=help_text)
+            group.add_argument(f"--{spec.name}", type=_scalar_type(spec.type), default=None, help=help_text)
     group.add_argument("--dense", action="store_true", help="Train without SDT (a dense baseline).")
+
+
+def _scalar_type(annotation: str) -> type:
+    """The parser type of a scalar SDTConfig field from its annotation ("float | None" -> float).
+
+    Example:
+        >>> _scalar_type("int | None"), _scalar_type("str")
+        (<class 'int'>, <class 'str'>)
+    """
+    return {"int": int, "float": float, "str": str}[annotation.split("|")[0].strip()]
 
 
 def sdt_config_from(namespace: argparse.Namespace, seed: int, **defaults) -> SDTConfig | None:

@@ -92,8 +92,9 @@ def find_modules_to_save(model: nn.Module, config: SDTConfig) -> list[str]:
     if config.modules_to_save is None:
         return [name for name in names if name.rsplit(".", 1)[-1] in CLASSIFIER_HEADS]
     found = [name for name in names if _matches(name, config.modules_to_save)]
-    for key in config.modules_to_save:
-        if not any(_matches(name, [key]) for name in found):
+    keys = config.modules_to_save if isinstance(config.modules_to_save, list) else [config.modules_to_save]
+    for key in keys:
+        if not any(_matches(name, [key] if isinstance(config.modules_to_save, list) else key) for name in found):
             raise ValueError(
                 f"SDTConfig.modules_to_save entry {key!r} matched no module of {type(model).__name__}; name modules "
                 "as print(model) shows them, e.g. 'score' or 'classifier'."

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_sdt import SDTLinear
+from hf_sdt import SDTLinear, SDTUpdateLinear
+from hf_sdt.blocks import element_positions
 from hf_sdt.masks import expand_block_mask
 
 
@@ -120,3 +121,71 @@ def test_loading_a_state_dict_restores_the_mask_and_zeros():
     torch.testing.assert_close(restored(torch.ones(2, 32)), layer(torch.ones(2, 32)))
     with pytest.raises(RuntimeError, match="sdt_mask"):
         layer.load_state_dict({**state, "sdt_mask": torch.ones(3, 2, dtype=torch.bool)})
+
+
+def make_update_layer(conv1d: bool, dtype=torch.float32, ids=(0, 5, 3)):
+    """An updates-mode layer on an odd 50 x 70 weight with 16 x 32 blocks (partial edge blocks)."""
+    torch.manual_seed(0)
+    base = Conv1D(50, 70) if conv1d else nn.Linear(70, 50)
+    with torch.no_grad():
+        base.weight.normal_()
+    base = base.to(dtype)
+    pretrained = base.weight.detach().clone()
+    return SDTUpdateLinear(base, (16, 32), torch.tensor(ids), backend="torch"), pretrained
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_update_layer_trains_only_its_blocks_and_keeps_the_rest_bit_identical(conv1d):
+    layer, pretrained = make_update_layer(conv1d)
+    assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["sdt_updates"]
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    for _ in range(3):
+        layer(torch.randn(8, 70)).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    layer(torch.randn(4, 70))  # rewrites the active blocks after the optimizer steps
+    active = expand_block_mask(layer.block_mask, (16, 32), (50, 70))  # (out, in)
+    base_out_in = pretrained.t() if conv1d else pretrained
+    assert torch.equal(layer.weight_out_in[~active], base_out_in[~active]), "frozen weights are bit-identical"
+    assert not torch.equal(layer.weight_out_in[active], base_out_in[active])
+    torch.testing.assert_close(layer.weight_out_in, base_out_in + dense_updates(layer), rtol=0, atol=1e-6)
+
+
+def dense_updates(layer) -> torch.Tensor:
+    """The layer's compact updates as a dense (out, in) matrix."""
+    shape = (layer.out_features, layer.in_features)
+    rows, cols, inside = element_positions(layer.sdt_block_ids, layer.block_size, shape)
+    dense = torch.zeros(layer.out_features, layer.in_features)
+    dense[rows[inside], cols[inside]] = layer.sdt_updates.detach()[inside]
+    return dense
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_moved_blocks_return_exactly_to_their_pretrained_values(conv1d):
+    layer, pretrained = make_update_layer(conv1d, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.sdt_updates.normal_()
+    layer.materialize_()
+    assert not torch.equal(layer.weight, pretrained)
+    layer.move_blocks_(torch.tensor([0, 2]), torch.tensor([8, 9]))
+    assert layer.sdt_block_ids.tolist() == [8, 5, 9]
+    assert (layer.sdt_updates[[0, 2]] == 0).all() and (layer.sdt_updates[1] != 0).any()
+    untouched = expand_block_mask(torch.tensor([0, 0, 0, 0, 0, 1] + [0] * 6).bool().view(4, 3), (16, 32), (50, 70))
+    untouched = untouched.t() if conv1d else untouched
+    assert torch.equal(layer.weight[~untouched], pretrained[~untouched]), "dropped blocks back to pretrained"
+    merged = layer.unload(merge=False)
+    assert torch.equal(merged.weight, pretrained)
+
+
+def test_update_layer_with_bf16_weights_matches_reference():
+    layer, _ = make_update_layer(False, dtype=torch.bfloat16)
+    x = torch.randn(6, 70, dtype=torch.bfloat16)
+    outputs = []
+    for backend in ("torch", "reference"):
+        layer.backend = backend
+        layer.sdt_updates.grad = None
+        out = layer(x)
+        out.float().square().sum().backward()
+        outputs.append((out, layer.sdt_updates.grad.clone()))
+    for got, want in zip(*outputs, strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
