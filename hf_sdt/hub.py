@@ -110,6 +110,7 @@ def _save_adapter(model: nn.Module, directory: str, base_model: str | None, revi
         "base_model_name_or_path": base_model or getattr(model.config, "_name_or_path", None) or None,
         "revision": revision,
         "architectures": [type(model).__name__],
+        "layer_shapes": {name: [layer.out_features, layer.in_features] for name, layer in sdt_layers(model).items()},
         "sdt_config": sdt_config,
     }
     with open(os.path.join(directory, ADAPTER_CONFIG_NAME), "w", encoding="utf-8") as handle:
@@ -157,14 +158,22 @@ def _load_adapter(folder: str, base_model, model_class, kwargs) -> nn.Module:
                 f"The adapter's base model {source!r} could not be loaded ({error}). Offline, pass base_model= with "
                 "the folder of a local copy."
             ) from error
-    apply_adapter_(model, sdt_config, tensors, source=folder)
+    shapes = {name: tuple(shape) for name, shape in description.get("layer_shapes", {}).items()}
+    apply_adapter_(model, sdt_config, tensors, source=folder, shapes=shapes)
     return model
 
 
-def apply_adapter_(model: nn.Module, sdt_config: SDTConfig, tensors: dict[str, torch.Tensor], source: str) -> None:
+def apply_adapter_(
+    model: nn.Module,
+    sdt_config: SDTConfig,
+    tensors: dict[str, torch.Tensor],
+    source: str,
+    shapes: dict[str, tuple[int, int]] | None = None,
+) -> None:
     """Apply adapter tensors (`<layer>.sdt_updates`, `<layer>.sdt_block_ids`, `modules_to_save` tensors) to `model`,
     converting it first if it has no SDT layers. Everything is checked before the model is touched, so an adapter
-    for another base model (names or shapes differ) raises and leaves the model as it was.
+    for another base model (names or shapes differ; `shapes` holds the (out, in) of each layer it was saved
+    from) raises and leaves the model as it was.
 
     Example:
         >>> apply_adapter_(model, SDTConfig(mode="updates"), tensors, "adapter/")  # doctest: +SKIP
@@ -185,6 +194,8 @@ def apply_adapter_(model: nn.Module, sdt_config: SDTConfig, tensors: dict[str, t
         shape = _out_in_shape(layer)
         ids[name] = tensors.get(name + BLOCK_IDS_SUFFIX, torch.empty(0, 0))
         try:
+            if shapes and tuple(shapes.get(name, shape)) != shape:
+                raise ValueError(f"it was saved from a {shapes[name][0]} x {shapes[name][1]} layer")
             check_block_ids(ids[name], block_grid(shape, block))
             expected = (ids[name].numel(), *block)
             if tuple(tensors[name + UPDATES_SUFFIX].shape) != expected:
@@ -444,6 +455,12 @@ def write_model_card(
     return card
 
 
+def hub_base_model(model: nn.Module) -> str | None:
+    """The Hub id the model was loaded from (`config._name_or_path`), or None for a local folder or none at all."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return source if source and not os.path.exists(source) else None
+
+
 def push_to_hub(
     model: nn.Module,
     repo_id: str,
@@ -454,15 +471,17 @@ def push_to_hub(
     commit_message: str = "Upload SDT model",
     **card_kwargs,
 ):
-    """Upload an SDT model with its metadata, model card and pictures to the Hub; returns the commit info.
+    """Upload an SDT model (or, in updates mode, its adapter) with its metadata, model card and pictures to the
+    Hub; returns the commit info. `base_model` defaults to the Hub id the model was loaded from.
 
     Example:
         >>> push_to_hub(model, "me/sparse-gpt2", base_model="gpt2", datasets=["austen"])  # doctest: +SKIP
     """
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    card_kwargs["base_model"] = card_kwargs.get("base_model") or hub_base_model(model)
     with tempfile.TemporaryDirectory() as folder:
-        save_pretrained(model, folder, packed=packed)
+        save_pretrained(model, folder, packed=packed, base_model=card_kwargs["base_model"])
         if processing_class is not None:
             processing_class.save_pretrained(folder)
         write_model_card(model, folder, repo_id=repo_id, packed=packed, **card_kwargs)

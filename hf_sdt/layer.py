@@ -205,7 +205,9 @@ class SDTUpdateLinear(SDTLayer):
     of the active blocks in the weight's dtype, so that a dropped block returns exactly to them. The number of slots
     never changes, so parameter shapes, optimizer states and DDP buckets stay valid through topology changes.
 
-    After the updates change (an optimizer step, a load), the next forward rewrites the active blocks of `weight`.
+    `weight` is rewritten at the active blocks by every forward in training mode (an optimizer step may have changed
+    the updates since, and optimizers need not bump a parameter's version counter), and otherwise by the first
+    forward or `state_dict()` after training or after the updates, block ids or base values were replaced.
 
     Args:
         base_layer (`nn.Linear` or `Conv1D`): the pretrained layer; its parameters are reused (and frozen).
@@ -233,8 +235,11 @@ class SDTUpdateLinear(SDTLayer):
         self.register_buffer("sdt_base", gather_blocks(self.weight_out_in.detach(), self.sdt_block_ids, block_size))
         self.sdt_updates = nn.Parameter(torch.zeros(block_ids.numel(), *block_size, device=device))
         self._materialized: tuple = ()  # the state versions `weight` was last rewritten for
+        self._stale = True  # a training-mode forward ran since: an optimizer may have changed the updates
         self._layout = None
         self._layout_key: tuple = ()
+        # A state dict (a checkpoint, save_pretrained) must hold the effective weight even right after an update.
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync_weight_())
 
     @property
     def block_mask(self) -> torch.Tensor:
@@ -252,11 +257,15 @@ class SDTUpdateLinear(SDTLayer):
             old[0] is new[0] and old[1] == new[1] for old, new in zip(state, self._versions(), strict=True)
         )
 
+    def sync_weight_(self) -> None:
+        """Rewrite the active blocks of `weight` unless they are known to be current (see the class docstring)."""
+        if self.training or self._stale or not self._is_current(self._materialized):
+            self.materialize_()
+        self._stale = self.training
+
     @torch.no_grad()
     def materialize_(self) -> None:
-        """Write base + updates into the active blocks of `weight` (skipped when nothing changed since)."""
-        if self._is_current(self._materialized):
-            return
+        """Write base + updates into the active blocks of `weight`."""
         effective = self.sdt_base.float() + self.sdt_updates.detach()
         scatter_blocks_(self.weight_out_in, effective, self.sdt_block_ids, self.block_size)
         self._materialized = self._versions()
@@ -284,7 +293,7 @@ class SDTUpdateLinear(SDTLayer):
         self.materialize_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        self.materialize_()
+        self.sync_weight_()
         backend = resolve_backend(self.backend, x.device, self.block_size)
         layout = None if backend == "reference" else self.layout(backend)
         return sparse_update_linear(

@@ -114,12 +114,11 @@ class SDTTrainer(Trainer):
         """Write hf_sdt's card (summary table, density chart, mask picture) instead of Trainer's generic one."""
         if not self.is_world_process_zero():
             return
-        from .hub import card_metrics_from_log, write_model_card
+        from .hub import card_metrics_from_log, hub_base_model, write_model_card
 
         controller = self.sdt_callback.controller
         runtime = next((e["train_runtime"] for e in reversed(self.state.log_history) if "train_runtime" in e), None)
-        source = getattr(self.model.config, "_name_or_path", "")
-        base_model = kwargs.get("finetuned_from") or (source if source and not os.path.exists(source) else None)
+        base_model = kwargs.get("finetuned_from") or hub_base_model(self.model)
         write_model_card(
             self.model,
             self.args.output_dir,

@@ -43,12 +43,20 @@ def training_args(output_dir, max_steps=40, **overrides) -> TrainingArguments:
     return TrainingArguments(str(output_dir), **values)
 
 
-def train_and_save_state(output_dir: str, batch_size: int) -> None:
-    """Train with SDTTrainer (12 steps, gradient growth), then save this rank's state dict as
+def make_updates_config(**overrides) -> SDTConfig:
+    values = {"mode": "updates", "density": 0.25, "block_size": 16, "selection_steps": 2, "update_interval": 4}
+    return SDTConfig(**{**values, **overrides})
+
+
+def train_and_save_state(output_dir: str, batch_size: int, mode: str = "weights") -> None:
+    """Train with SDTTrainer (12 steps, gradient growth or selection), then save this rank's state dict as
     `world{W}_rank{R}.pt` in `output_dir`."""
     import torch.distributed as dist
 
-    config = make_config(grow_criterion="gradient", schedule_end=0.3, update_interval=3)
+    if mode == "updates":
+        config = make_updates_config(update_interval=3)
+    else:
+        config = make_config(grow_criterion="gradient", schedule_end=0.3, update_interval=3)
     trainer = SDTTrainer(
         model=tiny_gpt2(),
         args=training_args(f"{output_dir}/run", max_steps=12, per_device_train_batch_size=batch_size),

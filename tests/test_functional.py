@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from hf_sdt import functional
-from hf_sdt.functional import build_blocked_layout, reference_linear, resolve_backend, sdt_linear
 from hf_sdt.blocks import element_positions
+from hf_sdt.functional import build_blocked_layout, reference_linear, resolve_backend, sdt_linear
 from hf_sdt.masks import block_grid, expand_block_mask
 
 SHAPES = [((100, 72), (32, 32)), ((64, 48), (16, 16)), ((50, 70), (16, 32)), ((24, 40), (24, 40))]

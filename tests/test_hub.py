@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from sdt_helpers import ByteChunks, make_config, tiny_gpt2, training_args
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from hf_sdt import SDTConfig, SDTTrainer, get_sdt_model, hub, sdt_layers
+from hf_sdt import SDTConfig, SDTTrainer, get_sdt_model, hub, merge_and_unload, sdt_layers
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -147,3 +147,86 @@ def test_trainer_pushes_during_and_after_training(tmp_path, hub_server):
     vanilla = AutoModelForCausalLM.from_pretrained("test-user/trained").eval()
     torch.testing.assert_close(vanilla(IDS).logits, trained(IDS).logits, rtol=1e-5, atol=1e-5)
     assert os.path.isfile(tmp_path / "run" / "README.md")
+
+
+def trained_adapter_model(base) -> GPT2LMHeadModel:
+    """`base` in updates mode with non-zero updates, as after training."""
+    model = get_sdt_model(base, SDTConfig(mode="updates", density=0.25, block_size=32))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in sdt_layers(model).values():
+            layer.sdt_updates.copy_(0.1 * torch.randn(layer.sdt_updates.shape, generator=generator))
+    return model.eval()
+
+
+def odd_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=80, n_layer=2, n_head=4, n_positions=32))
+
+
+def test_adapter_round_trip_through_the_hub_is_exact_and_merges(tmp_path, hub_server):
+    odd_gpt2().push_to_hub("test-user/base")
+    model = trained_adapter_model(AutoModelForCausalLM.from_pretrained("test-user/base"))
+    want = model(IDS).logits
+    hub.push_to_hub(model, "test-user/adapter", datasets=["austen"])
+    _, files = hub_server.files("test-user/adapter")
+    assert {hub.ADAPTER_CONFIG_NAME, hub.ADAPTER_WEIGHTS_NAME, "README.md", *hub.CARD_IMAGES} == set(files)
+    layers = sdt_layers(model).values()
+    targeted_bytes = sum(layer.weight.numel() * 4 for layer in layers)
+    id_bytes = sum(layer.sdt_block_ids.numel() * 8 for layer in layers)
+    weighted_density = sum(layer.density * layer.weight.numel() for layer in layers) / (targeted_bytes / 4)
+    padded = sum(layer.sdt_updates.numel() for layer in layers) / sum(layer.weight.numel() for layer in layers)
+    assert len(files[hub.ADAPTER_WEIGHTS_NAME]) < padded * targeted_bytes + id_bytes + 4096
+    assert padded < weighted_density * 1.2, "edge padding stays small"
+    card = ModelCard.load("test-user/adapter")
+    assert card.data.base_model == "test-user/base" and card.data.base_model_relation == "adapter"
+    assert card.data.library_name == "hf_sdt" and {"sdt", "sparse"} <= set(card.data.tags)
+    assert "Trained blocks" in card.text and "merge_and_unload" in card.text
+
+    loaded = hub.from_pretrained("test-user/adapter").eval()
+    torch.testing.assert_close(loaded(IDS).logits, want, rtol=0, atol=0)
+    assert [n for n, p in loaded.named_parameters() if p.requires_grad] == [
+        n for n, p in model.named_parameters() if p.requires_grad
+    ], "the loaded adapter can train further"
+    merged = merge_and_unload(loaded)
+    assert not sdt_layers(merged)
+    torch.testing.assert_close(merged(IDS).logits, want, rtol=0, atol=0)
+    merged.save_pretrained(tmp_path / "merged")
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(vanilla(IDS).logits, want, rtol=0, atol=0)
+
+
+def test_adapter_errors_are_clear_and_leave_the_base_untouched(tmp_path):
+    odd_gpt2().save_pretrained(tmp_path / "base")
+    model = trained_adapter_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
+    hub.save_pretrained(model, tmp_path / "adapter")
+    other = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=96, n_layer=2, n_head=4, n_positions=32))
+    before = {key: value.clone() for key, value in other.state_dict().items()}
+    with pytest.raises(ValueError, match="another base model"):
+        hub.from_pretrained(str(tmp_path / "adapter"), base_model=other)
+    assert not sdt_layers(other) and all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    with pytest.raises(OSError, match="base_model="):
+        hub.from_pretrained(str(tmp_path / "adapter"), base_model=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="records no base model"):
+        hub.save_pretrained(trained_adapter_model(odd_gpt2()), tmp_path / "orphan")
+        hub.from_pretrained(str(tmp_path / "orphan"))
+    weights = tmp_path / "adapter" / hub.ADAPTER_WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{weights}.*corrupt or incomplete"):
+        hub.from_pretrained(str(tmp_path / "adapter"))
+
+
+def test_trainer_in_updates_mode_pushes_an_adapter(tmp_path, hub_server):
+    args = training_args(tmp_path / "run", max_steps=4, push_to_hub=True, hub_model_id="test-user/sft")
+    trainer = SDTTrainer(
+        model=tiny_gpt2(),
+        args=args,
+        train_dataset=ByteChunks(),
+        sdt_config=SDTConfig(mode="updates", block_size=16, selection_steps=2, update_interval=2),
+    )
+    trainer.train()
+    trainer.push_to_hub()
+    _, files = hub_server.files("test-user/sft")
+    assert {hub.ADAPTER_WEIGHTS_NAME, hub.ADAPTER_CONFIG_NAME, "README.md"} <= set(files)
+    assert "model.safetensors" not in files
+    assert ModelCard.load("test-user/sft").data.base_model_relation == "adapter"

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from sdt_helpers import ByteChunks, make_config, tiny_gpt2, train_and_save_state, training_args
+from sdt_helpers import (
+    ByteChunks,
+    make_config,
+    make_updates_config,
+    tiny_gpt2,
+    train_and_save_state,
+    training_args,
+)
 from transformers import TrainerCallback
 
 from hf_sdt import SDTConfig, get_sdt_model, sdt_layers
@@ -178,27 +185,32 @@ def test_trainer_takes_a_converted_model_and_refuses_ambiguity(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_agree_with_each_other_and_with_one(tmp_path):
-    """2 CPU processes (gloo) through `accelerate launch`, against one process with the same global batch."""
+@pytest.mark.parametrize("mode", ["weights", "updates"])
+def test_two_processes_agree_with_each_other_and_with_one(tmp_path, mode):
+    """2 CPU processes (gloo) through `accelerate launch`, against one process with the same global batch (in
+    updates mode only the ranks are compared: its block energies sum per micro-batch, so a different split of the
+    batch may choose other blocks)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        str(Path(__file__).parent / "ddp_train.py"), str(tmp_path), "4",
+        str(Path(__file__).parent / "ddp_train.py"), str(tmp_path), "4", mode,
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    train_and_save_state(str(tmp_path), batch_size=8)  # the same global batch in one process
+    train_and_save_state(str(tmp_path), batch_size=8, mode=mode)  # the same global batch in one process
     rank0, rank1, single = (
         torch.load(tmp_path / name) for name in ("world2_rank0.pt", "world2_rank1.pt", "world1_rank0.pt")
     )
-    masks = [key for key in single if key.endswith("sdt_mask")]
+    masks = [key for key in single if key.endswith(("sdt_mask", "sdt_block_ids"))]
     assert masks
     for key in single:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+        if mode == "updates":
+            continue
         if key in masks:
             assert torch.equal(rank0[key], single[key]), f"{key}: 2 processes and 1 process chose different blocks"
         else:
@@ -230,3 +242,69 @@ def test_trainer_variants(tmp_path, overrides):
     assert math.isfinite(result.training_loss)
     assert max(entry.get("sdt/churn", 0) for entry in trainer.state.log_history) > 0
     assert_zero_outside_masks(trainer.model, trainer.optimizer)
+
+
+def test_updates_mode_trains_logs_and_checkpoints_adapters(tmp_path):
+    pretrained = tiny_gpt2().state_dict()
+    trainer = SDTTrainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path, max_steps=12, save_strategy="steps", save_steps=6),
+        train_dataset=ByteChunks(),
+        sdt_config=make_updates_config(),
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "sdt/density" in entry]
+    assert len(logs) == 12 and logs[-1]["sdt/density"] == pytest.approx(0.25)
+    assert logs[-1]["sdt/linear_flops_ratio"] == pytest.approx(0.75)
+    assert 0 < logs[-1]["sdt/linear_flops_saved"] < 0.25  # the capture steps count as dense
+    assert any(entry["sdt/churn"] > 0 for entry in logs)
+    checkpoint = tmp_path / "checkpoint-6"
+    assert sorted(os.listdir(checkpoint)) == sorted(
+        ["optimizer.pt", "rng_state.pth", "scheduler.pt", SDT_STATE_NAME, "sdt_adapter.safetensors",
+         "sdt_adapter_config.json", "trainer_state.json", "training_args.bin"]
+    )  # fmt: skip
+    for name, layer in sdt_layers(trainer.model).items():  # only the trained blocks moved
+        layer.materialize_()
+        active = expand_block_mask(layer.block_mask, layer.block_size, (layer.out_features, layer.in_features))
+        assert torch.equal(layer.weight.t()[~active], pretrained[name + ".weight"].t()[~active])
+
+
+def test_updates_mode_resumes_like_an_uninterrupted_run(tmp_path):
+    config = make_updates_config()
+    full = SDTTrainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path / "full", max_steps=14, save_strategy="steps", save_steps=6),
+        train_dataset=ByteChunks(),
+        sdt_config=config,
+    )
+    full.train()
+    resumed = SDTTrainer(
+        model=tiny_gpt2(), args=training_args(tmp_path / "resumed", max_steps=14), train_dataset=ByteChunks(),
+        sdt_config=config,
+    )  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    expected, got = full.model.state_dict(), resumed.model.state_dict()
+    for key in expected:
+        if key.endswith("sdt_block_ids"):
+            assert torch.equal(expected[key], got[key]), key
+        else:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert resumed.sdt_callback.controller.steps_done == 14
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"gradient_accumulation_steps": 2}, {"bf16": True}, {"activation_checkpointing": True}],
+    ids=["grad-accumulation", "bf16", "grad-checkpointing"],
+)
+def test_updates_mode_trainer_variants(tmp_path, overrides):
+    trainer = SDTTrainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path, max_steps=10, **overrides),
+        train_dataset=ByteChunks(),
+        sdt_config=make_updates_config(),
+    )
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    assert max(entry.get("sdt/churn", 0) for entry in trainer.state.log_history) > 0
+    assert all(layer.sdt_updates.abs().sum() > 0 for layer in sdt_layers(trainer.model).values())

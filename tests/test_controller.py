@@ -1,0 +1,147 @@
+"""The controller of updates mode in a plain PyTorch loop (weights mode's are in test_trainer.py)."""
+
+import warnings
+
+import pytest
+import torch
+from sdt_helpers import ByteChunks, tiny_gpt2
+
+from hf_sdt import SDTConfig, SDTController, UpdatesController, get_sdt_model, sdt_layers
+from hf_sdt.masks import block_norms, expand_block_mask, topk_block_mask
+
+
+def updates_config(**overrides) -> SDTConfig:
+    values = {"mode": "updates", "density": 0.25, "block_size": 16, "selection_steps": 3, "update_interval": 5}
+    return SDTConfig(**{**values, **overrides})
+
+
+def run_loop(config: SDTConfig, steps: int, poison_step: int | None = None, probe_steps=()):
+    model = get_sdt_model(tiny_gpt2(), config)
+    controller = SDTController(model, config, total_steps=steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    data = ByteChunks()
+    records = []
+    for step in range(steps):
+        controller.begin_step(step)
+        batch = torch.stack([data[(step * 4 + i) % len(data)]["input_ids"] for i in range(4)])
+        model(input_ids=batch, labels=batch).loss.backward()
+        if step == poison_step:  # as NaN gradients would make them
+            next(iter(controller.grad_energy.values())).fill_(float("nan"))
+        ids_before = {name: layer.sdt_block_ids.clone() for name, layer in sdt_layers(model).items()}
+        controller.before_optimizer_step(optimizer)
+        if step in probe_steps:
+            records.append((step, ids_before, optimizer, model))
+            probe_state(records[-1], sdt_layers(model))
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.after_optimizer_step()
+    return model, controller, optimizer, records
+
+
+def probe_state(record, layers):
+    """Check, right after a topology change: moved slots have zero updates, gradients and optimizer states."""
+    _, ids_before, optimizer, _ = record
+    for name, layer in layers.items():
+        moved = (layer.sdt_block_ids != ids_before[name]).nonzero().flatten()
+        assert (layer.sdt_updates[moved] == 0).all(), name
+        if layer.sdt_updates.grad is not None:
+            assert (layer.sdt_updates.grad[moved] == 0).all(), name
+        for value in optimizer.state.get(layer.sdt_updates, {}).values():
+            if value.shape == layer.sdt_updates.shape:
+                assert (value[moved] == 0).all(), name
+
+
+def test_updates_controller_keeps_counts_frozen_weights_and_resets_moved_slots():
+    pretrained = tiny_gpt2().state_dict()
+    config = updates_config()
+    model, controller, _, _ = run_loop(config, 20, probe_steps=(2, 5, 10))
+    assert isinstance(controller, UpdatesController)
+    assert controller.metrics()["sdt/churn"] >= 0
+    for name, layer in sdt_layers(model).items():
+        assert layer.sdt_block_ids.numel() == round(0.25 * layer.block_mask.numel())
+        layer.materialize_()
+        active = expand_block_mask(layer.block_mask, layer.block_size, (layer.out_features, layer.in_features))
+        base = pretrained[name + ".weight"].t()  # GPT-2's Conv1D stores (in, out)
+        assert torch.equal(layer.weight_out_in[~active], base[~active]), f"{name}: a frozen weight moved"
+    sdt_weights = {name + ".weight" for name in sdt_layers(model)}
+    for name, parameter in model.named_parameters():
+        if not name.endswith("sdt_updates") and name not in sdt_weights:
+            assert torch.equal(parameter, pretrained[name]), f"{name} is frozen and must not change"
+
+
+def test_nothing_trains_before_the_first_selection_which_picks_the_largest_gradients():
+    config = updates_config(selection_steps=4, update_interval=8)
+    model = get_sdt_model(tiny_gpt2(), config)
+    controller = SDTController(model, config, total_steps=10)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    batch = torch.stack([ByteChunks()[i]["input_ids"] for i in range(4)])
+    energies = {}
+    for step in range(4):
+        controller.begin_step(step)
+        assert controller.capturing
+        model(input_ids=batch, labels=batch).loss.backward()
+        for name, layer in sdt_layers(model).items():
+            grad = layer_dense_grad(model, name, batch)
+            energies[name] = energies.get(name, 0) + block_norms(grad, layer.block_size).square()
+        if step < 3:
+            controller.before_optimizer_step(optimizer)
+            assert all(layer.sdt_updates.grad is None for layer in sdt_layers(model).values())
+        else:
+            controller.before_optimizer_step(optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.after_optimizer_step()
+    for name, layer in sdt_layers(model).items():
+        chosen = topk_block_mask(energies[name], layer.sdt_block_ids.numel())
+        assert torch.equal(layer.block_mask, chosen), name
+    controller.begin_step(4)
+    assert not controller.capturing
+
+
+def layer_dense_grad(model, name, batch) -> torch.Tensor:
+    """The dense (out, in) weight gradient of one SDT layer at this batch, by the masked-dense oracle."""
+    layer = sdt_layers(model)[name]
+    captured = {}
+
+    def hook(module, inputs, output):
+        captured["x"] = inputs[0].detach()
+        output.register_hook(lambda grad: captured.__setitem__("grad", grad))
+
+    handle = layer.register_forward_hook(hook)
+    with torch.enable_grad():
+        model(input_ids=batch, labels=batch).loss.backward()
+    handle.remove()
+    for parameter in model.parameters():
+        parameter.grad = None
+    grad_out = captured["grad"].reshape(-1, layer.out_features).double()
+    return (grad_out.t() @ captured["x"].reshape(-1, layer.in_features).double()).float()
+
+
+def test_non_finite_statistics_skip_the_update_with_a_warning():
+    config = updates_config()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, controller, _, _ = run_loop(config, 12, poison_step=5)
+    assert any("non-finite scores" in str(w.message) and "step 5" in str(w.message) for w in caught)
+    assert controller.skipped_updates == 1
+    assert all(torch.isfinite(layer.sdt_updates).all() for layer in sdt_layers(model).values())
+
+
+def test_resumed_controller_state_continues_identically():
+    config = updates_config()
+    _, full, _, _ = run_loop(config, 8)
+    state = full.state_dict()
+    model = get_sdt_model(tiny_gpt2(), config)
+    resumed = SDTController(model, config, total_steps=8)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict().keys() == state.keys()
+    for key in ("steps_done", "flops_ratio_sum", "churn", "step"):
+        assert resumed.state_dict()[key] == state[key]
+    with pytest.raises(ValueError, match="layers this model does not have"):
+        resumed.load_state_dict({**state, "grad_energy": {"nope": torch.zeros(1)}})
+
+
+def test_a_controller_of_the_wrong_mode_is_refused():
+    model = get_sdt_model(tiny_gpt2(), SDTConfig(block_size=16))
+    with pytest.raises(ValueError, match="other mode"):
+        SDTController(model, updates_config(), total_steps=4)
