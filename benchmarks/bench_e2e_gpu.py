@@ -1,10 +1,13 @@
 """End-to-end training speed: `SDTTrainer` vs `Trainer` on a Llama-style model of about 1.1B parameters (TinyLlama's
-shape, random init), synthetic tokens, bf16; training tokens per second at each density, the GPU name and date.
+shape, random init), synthetic tokens, bf16; training tokens per second and peak memory at each density, the GPU
+name and date. Two tables: weights mode vs dense training, and fine-tuning (full fine-tuning vs LoRA vs SDT updates
+mode at the same trainable parameters).
 
 Each run builds a fresh model, trains `--warmup_steps` untimed steps (kernel compilation and autotuning), then
 `--timed_steps` steps between two synchronised clock reads. The density is constant from step 0; drop/grow
 updates run every `--update_interval` steps (those steps run the dense product for gradient growth), so a timed
-window shorter than the interval measures the sparse steps only.
+window shorter than the interval measures the sparse steps only. Updates mode captures dense gradients for its
+first selection during the first 5 steps, which the default warm-up covers.
 
     python benchmarks/bench_e2e_gpu.py --output benchmarks/results/gpu_e2e.md
     python benchmarks/bench_e2e_gpu.py --smoke          # a tiny model on the CPU: checks the script
@@ -18,6 +21,7 @@ import tempfile
 import time
 
 import torch
+from bench_finetune import lora_rank
 from benchmark_report import finish_report
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -59,11 +63,19 @@ class WindowClock(TrainerCallback):
             self.times[state.global_step] = time.perf_counter()
 
 
-def tokens_per_second(model_shape: dict, density: float | None, args: argparse.Namespace, device) -> dict:
-    """Train one fresh model (dense `Trainer` when `density` is None) and time the window."""
+def tokens_per_second(model_shape: dict, method: str, density: float, args: argparse.Namespace, device) -> dict:
+    """Train one fresh model with `method` ("dense": `Trainer`; "weights" or "updates": `SDTTrainer` in that mode;
+    "lora": `Trainer` on a peft LoRA model with updates mode's trainable parameters at `density`) and time the
+    window."""
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**model_shape))
+    parameters = sum(p.numel() for p in model.parameters())
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        rank = lora_rank(model, density, args.block_size)
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     steps = args.warmup_steps + args.timed_steps
     with tempfile.TemporaryDirectory() as folder:
         training_args = TrainingArguments(
@@ -77,12 +89,11 @@ def tokens_per_second(model_shape: dict, density: float | None, args: argparse.N
             "train_dataset": SyntheticTokens(steps * args.batch_size, args.seq_len, model_shape["vocab_size"]),
             "callbacks": [clock := WindowClock(args.warmup_steps)],
         }
-        if density is None:
+        if method in ("dense", "lora"):
             trainer = Trainer(**common)
         else:
-            config = SDTConfig(
-                density=density, block_size=args.block_size, schedule="constant", update_interval=args.update_interval
-            )
+            config = SDTConfig(mode=method, density=density, block_size=args.block_size, schedule="constant",
+                               update_interval=args.update_interval)  # fmt: skip
             trainer = SDTTrainer(sdt_config=config, **common)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -92,13 +103,15 @@ def tokens_per_second(model_shape: dict, density: float | None, args: argparse.N
     return {
         "tokens_per_second": args.timed_steps * args.batch_size * args.seq_len / seconds,
         "peak_gib": peak,
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameters,
+        "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    parser.add_argument("--finetune_densities", type=float, nargs="+", default=[0.05], help="updates mode and LoRA")
     parser.add_argument("--block_size", type=int, default=128)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=2048)
@@ -110,13 +123,27 @@ def main() -> None:
     args = parser.parse_args()
     model_shape = LLAMA_1B
     if args.smoke:
-        model_shape, args.densities, args.block_size = LLAMA_SMOKE, [0.25], 16
+        model_shape, args.densities, args.finetune_densities, args.block_size = LLAMA_SMOKE, [0.25], [0.25], 16
         args.batch_size, args.seq_len, args.warmup_steps, args.timed_steps = 2, 32, 1, 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "no GPU (CPU)"
-    dense = tokens_per_second(model_shape, None, args, device)
+    dense = tokens_per_second(model_shape, "dense", 1.0, args, device)
     rows = [("Trainer (dense)", "1.0", dense)]
-    rows += [("SDTTrainer", str(d), tokens_per_second(model_shape, d, args, device)) for d in args.densities]
+    rows += [
+        ("SDTTrainer", str(d), tokens_per_second(model_shape, "weights", d, args, device)) for d in args.densities
+    ]
+    finetune = [("full fine-tuning (Trainer)", "1.0", dense)]
+    for density in args.finetune_densities:
+        finetune.append(
+            ("SDT updates mode", str(density), tokens_per_second(model_shape, "updates", density, args, device))
+        )
+        finetune.append(
+            (
+                "LoRA, same trainable params",
+                str(density),
+                tokens_per_second(model_shape, "lora", density, args, device),
+            )
+        )
     lines = [
         f"{datetime.date.today()} | {gpu} | torch {torch.__version__} | Llama-style model of "
         f"{dense['parameters'] / 1e6:.1f}M parameters, "
@@ -129,6 +156,18 @@ def main() -> None:
     for name, density, result in rows:
         lines.append(
             f"| {name} | {density} | {result['tokens_per_second']:.0f} | "
+            f"{result['tokens_per_second'] / dense['tokens_per_second']:.2f}x | {result['peak_gib']:.1f} |"
+        )
+    lines += [
+        "",
+        "Fine-tuning (AdamW; the same model as pretrained weights):",
+        "",
+        "| run | density | trainable params | tokens/s | speed-up vs full | peak memory (GiB) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, density, result in finetune:
+        lines.append(
+            f"| {name} | {density} | {result['trainable']:,} | {result['tokens_per_second']:.0f} | "
             f"{result['tokens_per_second'] / dense['tokens_per_second']:.2f}x | {result['peak_gib']:.1f} |"
         )
     finish_report(lines, args.output)

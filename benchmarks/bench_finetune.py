@@ -32,6 +32,7 @@ from benchmark_report import finish_report
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_sdt import SDTConfig, SDTController, get_sdt_model, sdt_layers
+from hf_sdt.schedule import target_block_counts
 
 TRAIN_FILE = "hf_sdt/data/pride_and_prejudice.txt"
 TEST_FILE = "hf_sdt/data/persuasion_excerpt.txt"
@@ -59,22 +60,13 @@ def load_model(args) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 
 
-def updates_trainable(model: torch.nn.Module, density: float, block: int) -> int:
-    """Trainable parameters of updates mode at `density` (the budget LoRA's rank is matched to)."""
-    config = SDTConfig(mode="updates", density=density, block_size=block)
-    converted = get_sdt_model(model, config)
-    count = sum(p.numel() for p in converted.parameters() if p.requires_grad)
-    return count
-
-
-def lora_rank(model: torch.nn.Module, budget: int) -> int:
-    """The LoRA rank over all linear layers (but the output layer) whose parameter count is closest to `budget`."""
-    per_rank = sum(
-        m.in_features + m.out_features
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()
-    )
-    return max(1, round(budget / per_rank))
+def lora_rank(model: torch.nn.Module, density: float, block_size: int) -> int:
+    """The LoRA rank over all linear layers (but the output layer) whose trainable parameters are closest to those of
+    updates mode at `density`: `max(1, round(density * n_blocks))` blocks of `block_size`^2 per layer."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()]
+    shapes = [(m.out_features, m.in_features) for m in linears]
+    budget = sum(target_block_counts(shapes, (block_size, block_size), density, "uniform")) * block_size**2
+    return max(1, round(budget / sum(m.in_features + m.out_features for m in linears)))
 
 
 def prepare(method: str, model: torch.nn.Module, args, density: float, seed: int):
@@ -84,8 +76,7 @@ def prepare(method: str, model: torch.nn.Module, args, density: float, seed: int
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        budget = updates_trainable(load_model(args), density, args.block_size)
-        rank = lora_rank(model, budget)
+        rank = lora_rank(model, density, args.block_size)
         return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear")), None
     config = SDTConfig(mode="updates", density=density, block_size=args.block_size, seed=seed)
     model = get_sdt_model(model, config)

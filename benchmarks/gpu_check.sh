@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Everything GPU-related, in one call of at most 8 minutes on the lent GPU machine (see the brief):
-#   1. the kernel, functional and layer tests on the GPU (real Triton kernels, bf16 included);
+#   1. the kernel, functional and layer tests on the GPU (real Triton kernels, bf16 included, the compact
+#      weight-gradient kernel of updates mode too);
 #   2. benchmarks/bench_kernels_gpu.py: bf16 correctness on large shapes, then the fwd+bwd timing table against
 #      cuBLAS and PyTorch's BSR kernels, written to $OUT (or benchmarks/results/) with the GPU name and date;
-#   3. benchmarks/bench_e2e_gpu.py: SDTTrainer vs Trainer tokens/s on a 1.1B Llama-style model, bf16.
+#   3. benchmarks/bench_e2e_gpu.py: SDTTrainer vs Trainer tokens/s and peak memory on a 1.1B Llama-style model, bf16:
+#      weights mode vs dense, and fine-tuning (full vs LoRA vs SDT updates mode at equal trainable parameters).
 # The machine's own python3 already has torch, triton and transformers; hf_sdt is installed without deps.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_update_overhead.py", {}, ["topology changes"]),
         ("bench_quality.py", {}, ["iso-FLOP", "gap to dense"]),
         ("bench_e2e_gpu.py", {}, ["tokens/s", "speed-up vs Trainer"]),
+        ("bench_finetune.py", {}, ["gap to full", "trainable state", "lora (density 0.25)"]),
     ],
 )
 def test_benchmark_smoke_mode_writes_its_report(tmp_path, script, env, expected):

@@ -41,3 +41,16 @@ def test_unknown_field_lists_known_ones():
 def test_missing_file_says_how_to_make_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="save_pretrained"):
         SDTConfig.from_pretrained(tmp_path)
+
+
+def test_mode_picks_its_defaults_and_is_checked():
+    assert (SDTConfig().density, SDTConfig().update_interval) == (0.25, 100)
+    updates = SDTConfig(mode="updates")
+    assert (updates.density, updates.update_interval) == (0.05, 20)
+    assert SDTConfig.from_dict(updates.to_dict()) == updates
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SDTConfig(mode="sparse")
+    with pytest.raises(ValueError, match="global"):
+        SDTConfig(mode="updates", distribution="global")
+    with pytest.raises(ValueError, match="selection_steps"):
+        SDTConfig(mode="updates", selection_steps=0)

@@ -205,3 +205,25 @@ def test_sparsity_summary(capsys):
     assert "transformer.h.1.mlp.c_proj" in printed and "8 SDT layers" in printed
     with pytest.raises(ValueError, match="get_sdt_model"):
         sparsity_summary(build("gpt2"))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_updates_mode_freezes_everything_but_the_updates(arch):
+    model = get_sdt_model(build(arch), SDTConfig(mode="updates", density=0.25, block_size=16))
+    trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+    assert trainable and all(name.endswith("sdt_updates") for name in trainable)
+    assert set(sparsity_summary(model)) >= {"mode", "density"} and sparsity_summary(model)["mode"] == "updates"
+    assert unload(model) is model and not sdt_layers(model)
+
+
+def test_updates_mode_trains_the_classifier_head_densely():
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, num_labels=3, pad_token_id=0)  # fmt: skip
+    model = get_sdt_model(LlamaForSequenceClassification(config), SDTConfig(mode="updates", block_size=16))
+    assert model.config.sdt_config["modules_to_save"] == ["score"]
+    assert "score" not in sdt_layers(model) and model.score.weight.requires_grad
+    with pytest.raises(ValueError, match="modules_to_save entry 'head'"):
+        get_sdt_model(build("llama"), SDTConfig(mode="updates", block_size=16, modules_to_save=["head"]))

@@ -34,7 +34,8 @@ def tiny_bert(folder: Path, words: list[str]) -> None:
     BertForSequenceClassification(config).save_pretrained(folder)
 
 
-def test_classification_recipe_trains_a_sparse_encoder(tmp_path):
+@pytest.mark.parametrize("mode", ["weights", "updates"])
+def test_classification_recipe_trains_a_sparse_encoder(tmp_path, mode):
     rows = [("happy joyful glad", "pos"), ("sad gloomy bad", "neg")] * 32
     data = tmp_path / "train.csv"
     data.write_text("text,label\n" + "\n".join(f"{text},{label}" for text, label in rows) + "\n")
@@ -44,7 +45,7 @@ def test_classification_recipe_trains_a_sparse_encoder(tmp_path):
         [sys.executable, str(script), "--model_name_or_path", str(tmp_path / "bert"), "--train_file", str(data),
          "--validation_file", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "40",
          "--learning_rate", "1e-3", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
-         "--density", "0.5", "--block_size", "16", "--update_interval", "4"],
+         "--density", "0.5", "--block_size", "16", "--update_interval", "4", "--mode", mode],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -53,6 +54,9 @@ def test_classification_recipe_trains_a_sparse_encoder(tmp_path):
     model = hf_sdt.from_pretrained(str(tmp_path / "out"))
     names = set(hf_sdt.sdt_layers(model))
     assert names and not any("classifier" in name for name in names), "the head stays dense"
+    if mode == "updates":  # the adapter holds the trained head (modules_to_save) and applies to the base
+        assert model.config.sdt_config["modules_to_save"] == ["classifier"]
+        assert all(p.requires_grad for p in model.classifier.parameters())
 
 
 @pytest.mark.parametrize("script", ["finetune_clm.py", "pretrain_gpt.py"])

@@ -1,5 +1,9 @@
+import math
+import os
 from pathlib import Path
 
+import hf_sdt
+from hf_sdt import sparsity_summary
 from hf_sdt.cli import parse_train_args
 from hf_sdt.training import run_training
 
@@ -12,3 +16,15 @@ def test_the_seed_fixes_a_from_scratch_run(tmp_path):
         return run_training(*parse_train_args(argv))["eval_loss"]
 
     assert eval_loss("first", 0) == eval_loss("again", 0) != eval_loss("other_seed", 1)
+
+
+def test_updates_mode_fine_tunes_a_saved_model_into_an_adapter(tmp_path):
+    base = tmp_path / "base"
+    run_training(*parse_train_args([TINY, "--max_steps", "2", "--output_dir", str(base), "--dense"]))
+    argv = [TINY, "--model_name_or_path", str(base), "--mode", "updates", "--selection_steps", "2",
+            "--output_dir", str(tmp_path / "adapter")]  # fmt: skip
+    metrics = run_training(*parse_train_args(argv))
+    assert metrics["sdt/density"] == 0.25 and math.isfinite(metrics["eval_loss"])
+    assert {"sdt_adapter.safetensors", "sdt_adapter_config.json", "README.md"} <= set(os.listdir(tmp_path / "adapter"))
+    model = hf_sdt.from_pretrained(str(tmp_path / "adapter"))  # finds the base by its recorded folder
+    assert sparsity_summary(model)["mode"] == "updates"
