@@ -62,6 +62,16 @@ def element_positions(block_ids: torch.Tensor, block: tuple[int, int], shape: tu
     return rows[:, :, None].expand_as(inside), cols[:, None, :].expand_as(inside), inside
 
 
+def _blocked_view(matrix: torch.Tensor, block_ids: torch.Tensor, block: tuple[int, int]):
+    """When the block tiles the matrix exactly: a (block-rows, rows, block-cols, cols) view of it (a strided view
+    too) and the slots' block coordinates, so that `view[r, :, c, :]` indexes whole blocks with n-long indices
+    instead of n * rows * cols element indices. None for a matrix with partial edge blocks."""
+    if matrix.shape[0] % block[0] or matrix.shape[1] % block[1]:
+        return None
+    grid = block_grid(tuple(matrix.shape), block)
+    return matrix.view(grid[0], block[0], grid[1], block[1]), block_ids // grid[1], block_ids % grid[1]
+
+
 def gather_blocks(matrix: torch.Tensor, block_ids: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """The blocks `block_ids` of a (out, in) matrix (any strides) as a (n, rows, cols) tensor; padding is zero.
 
@@ -70,6 +80,10 @@ def gather_blocks(matrix: torch.Tensor, block_ids: torch.Tensor, block: tuple[in
         tensor([[[2., 0.],
                  [5., 0.]]])
     """
+    blocked = _blocked_view(matrix, block_ids, block)
+    if blocked is not None:
+        view, block_rows, block_cols = blocked
+        return view[block_rows, :, block_cols, :]  # (n, rows, cols)
     rows, cols, inside = element_positions(block_ids, block, tuple(matrix.shape))
     values = matrix[rows.clamp(max=matrix.shape[0] - 1), cols.clamp(max=matrix.shape[1] - 1)]  # (n, rows, cols)
     return values.masked_fill(~inside, 0)
@@ -90,6 +104,11 @@ def scatter_blocks_(matrix: torch.Tensor, values: torch.Tensor, block_ids: torch
         tensor([[0., 0., 1.],
                 [0., 0., 1.]])
     """
+    blocked = _blocked_view(matrix, block_ids, block)
+    if blocked is not None:
+        view, block_rows, block_cols = blocked
+        view[block_rows, :, block_cols, :] = values.to(matrix.dtype)
+        return
     rows, cols, _ = element_positions(block_ids, block, tuple(matrix.shape))
     rows, cols = rows.clamp(max=matrix.shape[0] - 1), cols.clamp(max=matrix.shape[1] - 1)
     local_rows, local_cols = rows - rows[:, :1, :], cols - cols[:, :, :1]  # (n, rows, cols), clamped too
