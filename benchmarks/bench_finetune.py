@@ -25,12 +25,14 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 from benchmark_report import finish_report
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+import hf_sdt
 from hf_sdt import SDTConfig, SDTController, get_sdt_model, sdt_layers
 from hf_sdt.schedule import target_block_counts
 
@@ -128,7 +130,19 @@ def train(method: str, lr: float, density: float, seed: int, data: dict, args, e
         result["test_loss"] = mean_loss(model, data["test"], args.batch)
     if controller:
         result["linear_flops_saved"] = controller.metrics()["sdt/linear_flops_saved"]
+    if not evaluate:
+        result["checkpoint_bytes"] = checkpoint_bytes(model)
     return result
+
+
+def checkpoint_bytes(model) -> int:
+    """Bytes on disk of what each method saves: the whole model (full), the peft adapter (LoRA), the SDT adapter."""
+    with tempfile.TemporaryDirectory() as folder:
+        if sdt_layers(model):
+            hf_sdt.save_pretrained(model, folder)
+        else:
+            model.save_pretrained(folder)
+        return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder))
 
 
 def trainable_state_bytes(model, parameters) -> int:
@@ -176,7 +190,13 @@ def main() -> None:
     parser.add_argument("--output")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--measure", nargs=3, metavar=("METHOD", "LR", "DENSITY"), help=argparse.SUPPRESS)
+    parser.add_argument("--render", metavar="JSON", help="only rewrite the report from a finished run's .json twin")
     args = parser.parse_args()
+    if args.render:
+        with open(args.render, encoding="utf-8") as handle:
+            report = json.load(handle)
+        write_report(report["rows"], args, setting=report["setting"])
+        return
     args.vocab = 128
     if args.smoke:
         args.densities, args.lora_densities, args.seeds, args.steps = [0.25], [0.25], [0, 1], 6
@@ -203,22 +223,24 @@ def main() -> None:
     write_report(rows, args)
 
 
-def write_report(rows: list[dict], args) -> None:
+def write_report(rows: list[dict], args, setting: str | None = None) -> None:
     full = rows[0]
     full_loss = statistics.mean(run["test_loss"] for run in full["runs"])
     full_state = full["measured"]["state_bytes"]
     full_step = statistics.median(full["measured"]["step_seconds"][SETTLED:])
     model = "a tiny random Llama (smoke)" if args.smoke else args.model
     lines = [
-        f"{datetime.date.today()} | {os.cpu_count()} CPUs | torch {torch.__version__} | {model} | {args.steps} steps "
-        f"of {args.batch} x {args.seq_len} tokens | blocks {args.block_size} | seeds {args.seeds}",
+        setting
+        or f"{datetime.date.today()} | {os.cpu_count()} CPUs | torch {torch.__version__} | {model} | {args.steps} "
+        f"steps of {args.batch} x {args.seq_len} tokens | blocks {args.block_size} | seeds {args.seeds}",
         "",
         "Test loss on held-out text (mean over seeds, each in brackets); learning rate picked on a validation split.",
         f"Memory and step time: one {args.measure_steps}-step run per method in its own process, after the quality "
         f"runs; step time is the median from step {SETTLED} on (after updates mode's first selection).",
         "",
-        "| method | trainable params | lr (grid) | test loss | gap to full | trainable state | peak RSS | step time |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| method | trainable params | lr (grid: validation loss) | test loss | gap to full | trainable state "
+        "| peak RSS | step time | saved checkpoint |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         loss = statistics.mean(run["test_loss"] for run in row["runs"])
@@ -231,7 +253,7 @@ def write_report(rows: list[dict], args) -> None:
             f"| {name} | {row['runs'][0]['trainable']:,} | {row['runs'][0]['lr']:g} ({grid}) | {loss:.4f} ({seeds}) "
             f"| {100 * (loss / full_loss - 1):+.2f}% | {measured['state_bytes'] / 2**20:.1f} MiB "
             f"({measured['state_bytes'] / full_state:.2%}) | {measured['peak_rss_mb']:.0f} MB "
-            f"| {step:.2f} s ({step / full_step:.2f}x) |"
+            f"| {step:.2f} s ({step / full_step:.2f}x) | {measured['checkpoint_bytes'] / 2**20:.1f} MiB |"
         )
     finish_report(lines, args.output)
     if args.output:
