@@ -410,6 +410,13 @@ class UpdatesController(SDTController):
         self.grad_energy: dict[str, torch.Tensor] = {}  # layer -> (block-rows, block-cols) fp32
         self.capturing = False
         self._flops_ratio = self._step_flops_ratio = self._linear_flops()
+        if total_steps <= self.first_selection_step:
+            warnings.warn(
+                f"SDT updates mode: training has {total_steps} steps but the first selection of blocks ends step "
+                f"{self.first_selection_step} (selection_steps={config.selection_steps}): nothing would be trained. "
+                "Lower SDTConfig.selection_steps or train longer.",
+                stacklevel=3,
+            )
         self._hooks = [layer.register_forward_hook(self._capture_hook(name)) for name, layer in self.layers.items()]
 
     @property

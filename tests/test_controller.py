@@ -141,6 +141,12 @@ def test_resumed_controller_state_continues_identically():
         resumed.load_state_dict({**state, "grad_energy": {"nope": torch.zeros(1)}})
 
 
+def test_a_run_shorter_than_the_first_selection_is_warned_about():
+    model = get_sdt_model(tiny_gpt2(), updates_config(selection_steps=5))
+    with pytest.warns(UserWarning, match="nothing would be trained"):
+        SDTController(model, updates_config(selection_steps=5), total_steps=3)
+
+
 def test_a_controller_of_the_wrong_mode_is_refused():
     model = get_sdt_model(tiny_gpt2(), SDTConfig(block_size=16))
     with pytest.raises(ValueError, match="other mode"):
