@@ -118,11 +118,13 @@ def _save_adapter(model: nn.Module, directory: str, base_model: str | None, revi
         handle.write("\n")
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file; an unreadable file is an error that names it."""
+def _read_safetensors(path: str, suffix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors whose names end with `suffix` (all by default) and the metadata of a safetensors file; an
+    unreadable file is an error that names it."""
     try:
         with safe_open(path, framework="pt") as handle:
-            return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys() if key.endswith(suffix)}
+            return tensors, handle.metadata() or {}
     except Exception as error:
         raise ValueError(
             f"{path} is not a readable safetensors file ({type(error).__name__}: {error}); it is corrupt or "
@@ -261,10 +263,8 @@ def _saved_tensors(folder: str, suffix: str) -> dict[str, torch.Tensor]:
     files = [name for name in os.listdir(folder) if name.endswith(".safetensors")]
     found = {}
     for name in files:
-        with safe_open(os.path.join(folder, name), framework="pt") as handle:
-            for key in handle.keys():
-                if key.endswith(suffix):
-                    found[key[: -len(suffix)]] = handle.get_tensor(key)
+        tensors, _ = _read_safetensors(os.path.join(folder, name), suffix)
+        found.update({key[: -len(suffix)]: value for key, value in tensors.items()})
     return found
 
 

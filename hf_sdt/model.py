@@ -102,8 +102,18 @@ def find_modules_to_save(model: nn.Module, config: SDTConfig) -> list[str]:
     return [name for name in found if not any(name.startswith(other + ".") for other in found)]
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The model's input embeddings, or None for a model without them (a plain stack of linear layers)."""
+    if not isinstance(model, PreTrainedModel):
+        return None
+    try:
+        return model.get_input_embeddings()
+    except NotImplementedError:
+        return None
+
+
 def _check_not_tied(model: nn.Module, name: str, layer: nn.Module) -> None:
-    input_embeddings = model.get_input_embeddings() if isinstance(model, PreTrainedModel) else None
+    input_embeddings = _input_embeddings(model)
     if input_embeddings is not None and getattr(input_embeddings, "weight", None) is layer.weight:
         raise ValueError(
             f"SDT target {name!r} shares its weight with the input embeddings; sparsifying it would zero "

@@ -69,9 +69,12 @@ def erk_densities(shapes: list[tuple[int, int]], density: float) -> list[float]:
     raw = [(rows + cols) / (rows * cols) for rows, cols in shapes]
     dense: set[int] = set()
     while True:
+        sparse = [i for i in range(len(shapes)) if i not in dense]
+        if not sparse:  # every layer is dense (density 1, up to rounding)
+            return [1.0] * len(shapes)
         budget = density * sum(sizes) - sum(sizes[i] for i in dense)
-        scale = budget / sum(raw[i] * sizes[i] for i in range(len(shapes)) if i not in dense)
-        over = {i for i in range(len(shapes)) if i not in dense and raw[i] * scale > 1}
+        scale = budget / sum(raw[i] * sizes[i] for i in sparse)
+        over = {i for i in sparse if raw[i] * scale > 1}
         if not over:
             return [1.0 if i in dense else raw[i] * scale for i in range(len(shapes))]
         dense |= over

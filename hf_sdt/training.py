@@ -97,6 +97,9 @@ def load_text_datasets(data_args: DataArguments) -> DatasetDict:
         for path in (path for paths in files.values() for path in paths):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"Data file {path!r} does not exist.")
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                if not handle.read(65536).strip():
+                    raise ValueError(f"Data file {path!r} is empty: give a file with text in it.")
         if len(extensions) != 1 or next(iter(extensions)) not in EXTENSION_TO_BUILDER:
             raise ValueError(
                 f"Data files must share one extension of {sorted(EXTENSION_TO_BUILDER)}, got {extensions}."
@@ -190,7 +193,7 @@ def run_training(
         "data_collator": default_data_collator,
     }
     trainer = SDTTrainer(sdt_config=sdt_config, **common) if sdt_config is not None else Trainer(**common)
-    metrics = dict(trainer.train().metrics)
+    metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)
     metrics.update(trainer.evaluate())
     metrics["perplexity"] = math.exp(min(metrics["eval_loss"], 50))
     if sdt_config is not None:

@@ -230,3 +230,12 @@ def test_trainer_in_updates_mode_pushes_an_adapter(tmp_path, hub_server):
     assert {hub.ADAPTER_WEIGHTS_NAME, hub.ADAPTER_CONFIG_NAME, "README.md"} <= set(files)
     assert "model.safetensors" not in files
     assert ModelCard.load("test-user/sft").data.base_model_relation == "adapter"
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_truncated_checkpoint_names_the_file(tmp_path, packed):
+    hub.save_pretrained(odd_sdt_model(), tmp_path, packed=packed)
+    path = tmp_path / (hub.PACKED_WEIGHTS_NAME if packed else "model.safetensors")
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{path}.*corrupt or incomplete"):
+        hub.from_pretrained(str(tmp_path))

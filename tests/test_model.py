@@ -227,3 +227,20 @@ def test_updates_mode_trains_the_classifier_head_densely():
     assert "score" not in sdt_layers(model) and model.score.weight.requires_grad
     with pytest.raises(ValueError, match="modules_to_save entry 'head'"):
         get_sdt_model(build("llama"), SDTConfig(mode="updates", block_size=16, modules_to_save=["head"]))
+
+
+def test_a_model_without_input_embeddings_is_a_valid_target():
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class TwoLinear(PreTrainedModel):
+        config_class = PretrainedConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.first, self.second = nn.Linear(64, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.second(self.first(x))
+
+    model = get_sdt_model(TwoLinear(PretrainedConfig()), SDTConfig(block_size=16, schedule="constant"))
+    assert sorted(sdt_layers(model)) == ["first", "second"]

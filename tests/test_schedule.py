@@ -67,3 +67,8 @@ def test_erk_sums_to_the_target_and_favours_small_layers():
 def test_bad_schedule_fields_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SDTConfig(density=0.25, **{field: value})
+
+
+def test_erk_at_full_density_is_dense_everywhere():
+    # Float rounding used to mark every layer dense and divide by an empty sum (SmolLM2's shapes).
+    assert erk_densities([(576, 576), (192, 576), (1536, 576), (576, 1536)], 1.0) == [1.0] * 4

@@ -2,6 +2,10 @@ import math
 import os
 from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file
+
 import hf_sdt
 from hf_sdt import sparsity_summary
 from hf_sdt.cli import parse_train_args
@@ -28,3 +32,23 @@ def test_updates_mode_fine_tunes_a_saved_model_into_an_adapter(tmp_path):
     assert {"sdt_adapter.safetensors", "sdt_adapter_config.json", "README.md"} <= set(os.listdir(tmp_path / "adapter"))
     model = hf_sdt.from_pretrained(str(tmp_path / "adapter"))  # finds the base by its recorded folder
     assert sparsity_summary(model)["mode"] == "updates"
+
+
+def test_empty_training_file_is_named(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=f"'{empty}' is empty"):
+        run_training(*parse_train_args([TINY, "--train_files", str(empty), "--output_dir", str(tmp_path / "o")]))
+
+
+def test_the_command_line_resumes_from_a_checkpoint(tmp_path):
+    def final_state(name: str, *flags: str) -> dict:
+        argv = [TINY, "--max_steps", "6", "--output_dir", str(tmp_path / name), *flags]
+        run_training(*parse_train_args(argv))
+        return load_file(tmp_path / name / "model.safetensors")
+
+    # The first run's steps 0-2 use another learning rate: a resumed run differs from a fresh one only if it resumed.
+    final_state("other", "--learning_rate", "0.02", "--save_strategy", "steps", "--save_steps", "3")
+    resumed = final_state("resumed", "--resume_from_checkpoint", str(tmp_path / "other" / "checkpoint-3"))
+    fresh = final_state("fresh")
+    assert any(not torch.equal(resumed[key], fresh[key]) for key in fresh if not key.endswith("sdt_mask"))
