@@ -19,7 +19,7 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .config import ALL_LINEAR, SDTConfig
-from .training import DataArguments, ModelArguments, run_training
+from .training import DataArguments, ModelArguments, end_distributed, is_main_process, run_training
 
 REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
 LIST_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
@@ -131,8 +131,12 @@ def parse_train_args(argv: list[str]):
 
 def _train(argv: list[str]) -> None:
     model_args, data_args, training_args, sdt_config = parse_train_args(argv)
-    metrics = run_training(model_args, data_args, training_args, sdt_config)
-    print(json.dumps(metrics, indent=2, sort_keys=True))
+    try:
+        metrics = run_training(model_args, data_args, training_args, sdt_config)
+        if is_main_process():
+            print(json.dumps(metrics, indent=2, sort_keys=True))
+    finally:
+        end_distributed()
 
 
 def _summary(argv: list[str]) -> None:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, field
 from itertools import chain
 
+import torch.distributed as dist
 from datasets import DatasetDict, load_dataset
 from transformers import (
     AutoConfig,
@@ -202,3 +203,15 @@ def run_training(
     if trainer.is_world_process_zero():
         trainer.create_model_card()
     return metrics
+
+
+def is_main_process() -> bool:
+    """Whether this is rank 0 of a distributed run (or the only process)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def end_distributed() -> None:
+    """Destroy the process group at the end of a distributed entry point: a rank that exits with it alive may abort
+    in the backend's teardown (`terminate called without an active exception`) after all its work is done."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -27,6 +27,7 @@ from transformers import (
 
 from hf_sdt import SDTTrainer
 from hf_sdt.cli import add_sdt_arguments, expand_config_file, sdt_config_from
+from hf_sdt.training import end_distributed, is_main_process
 
 
 @dataclass
@@ -83,9 +84,13 @@ def main(argv: list[str]) -> dict:
     if "validation" in data:
         metrics.update(trainer.evaluate())
     trainer.save_model()
-    print(metrics)
+    if is_main_process():
+        print(metrics)
     return metrics
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    finally:
+        end_distributed()
