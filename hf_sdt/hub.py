@@ -27,6 +27,7 @@ from transformers import AutoConfig
 
 from .blocks import check_block_ids
 from .config import SDTConfig
+from .layer import SDTUpdateLinear
 from .masks import block_grid
 from .model import find_target_modules, get_sdt_model, sdt_layers, sparsity_summary
 
@@ -202,6 +203,8 @@ def apply_adapter_(
             expected = (ids[name].numel(), *block)
             if tuple(tensors[name + UPDATES_SUFFIX].shape) != expected:
                 raise ValueError(f"updates of shape {tuple(tensors[name + UPDATES_SUFFIX].shape)}, not {expected}")
+            if converted and not isinstance(layer, SDTUpdateLinear):
+                raise ValueError("the model was converted in weights mode; load the adapter onto its base model")
             if converted and (layer.block_size != block or layer.sdt_updates.shape != expected):
                 raise ValueError(f"the model's layer has {layer.sdt_updates.shape[0]} blocks of {layer.block_size}")
         except ValueError as error:
