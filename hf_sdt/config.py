@@ -49,7 +49,8 @@ class SDTConfig:
             The modules to sparsify. A list of names matches a module whose qualified name equals an entry or ends
             with `"." + entry` (as in PEFT); a string is a regular expression matched against the full name with
             `re.fullmatch`; `"all-linear"` targets every `nn.Linear` and GPT-2 `Conv1D` except the output embedding
-            (`lm_head`).
+            (`lm_head`), classification heads (`classifier`, `score`) and the layers of PEFT adapters (on a PEFT
+            model, the layers LoRA wraps are targets, its `lora_A` / `lora_B` are not).
         exclude_modules (`list[str]` or `str`, *optional*):
             Modules never to sparsify, with the same matching rules as `target_modules`.
         density (`float`, defaults to 0.25 in weights mode and 0.05 in updates mode):

@@ -31,10 +31,29 @@ def _matches(name: str, pattern: list[str] | str) -> bool:
 
 
 def _output_embedding_names(model: nn.Module) -> set[str]:
-    if not isinstance(model, PreTrainedModel):
+    """Names of the output embedding (`lm_head`), also inside a PEFT model (whose wrapped model has it)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not isinstance(inner, PreTrainedModel):
         return set()
-    output_embeddings = model.get_output_embeddings()
+    output_embeddings = inner.get_output_embeddings()
     return {name for name, module in model.named_modules() if module is output_embeddings and name}
+
+
+def _all_linear_skips(name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether `all-linear` leaves out the linear layer `name`: a classification head (`classifier`, `score`, as
+    PEFT's all-linear does) or a PEFT adapter's own layers (LoRA's `lora_A` / `lora_B`; the wrapped `base_layer`
+    is a target)."""
+    parts = name.split(".")
+    if any(part in CLASSIFIER_HEADS for part in parts):
+        return True
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    for depth in range(1, len(parts)):
+        if isinstance(modules[".".join(parts[:depth])], BaseTunerLayer) and parts[depth] != "base_layer":
+            return True
+    return False
 
 
 def find_target_modules(model: nn.Module, config: SDTConfig) -> list[str]:
@@ -46,10 +65,11 @@ def find_target_modules(model: nn.Module, config: SDTConfig) -> list[str]:
         >>> find_target_modules(model, SDTConfig(target_modules=["c_fc"]))
         ['transformer.h.0.mlp.c_fc']
     """
-    linear_names = [name for name, module in model.named_modules() if isinstance(module, LINEAR_LIKE)]
+    modules = dict(model.named_modules())
+    linear_names = [name for name, module in modules.items() if isinstance(module, LINEAR_LIKE)]
     if config.target_modules == ALL_LINEAR:
         skipped = _output_embedding_names(model)
-        targets = [name for name in linear_names if name not in skipped]
+        targets = [name for name in linear_names if name not in skipped and not _all_linear_skips(name, modules)]
     else:
         targets = [name for name, _ in model.named_modules() if name and _matches(name, config.target_modules)]
         if isinstance(config.target_modules, list):
@@ -63,12 +83,11 @@ def find_target_modules(model: nn.Module, config: SDTConfig) -> list[str]:
         targets = [name for name in targets if not any(name == m or name.startswith(m + ".") for m in dense)]
     if not targets:
         available = sorted({name.rsplit(".", 1)[-1] for name in linear_names})
+        advice = "pass some of these names" + ("" if config.target_modules == ALL_LINEAR else " or 'all-linear'")
         raise ValueError(
             f"SDTConfig.target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
-            f"matched no layer of {type(model).__name__}. Linear layers available: {available}; "
-            "pass some of these names or target_modules='all-linear'."
+            f"matched no layer of {type(model).__name__}. Linear layers available: {available or 'none'}; {advice}."
         )
-    modules = dict(model.named_modules())
     for name in targets:
         if not isinstance(modules[name], LINEAR_LIKE):
             raise ValueError(

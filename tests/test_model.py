@@ -244,3 +244,17 @@ def test_a_model_without_input_embeddings_is_a_valid_target():
 
     model = get_sdt_model(TwoLinear(PretrainedConfig()), SDTConfig(block_size=16, schedule="constant"))
     assert sorted(sdt_layers(model)) == ["first", "second"]
+
+
+def test_all_linear_on_a_peft_model_skips_the_adapters_and_the_output_layer():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_sdt_model(model, SDTConfig(density=0.25, block_size=16, schedule="constant"))
+    names = list(sdt_layers(model))
+    assert not any("lora_" in name or "lm_head" in name for name in names), names
+    assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer" in names
+    assert "base_model.model.model.layers.0.self_attn.k_proj" in names
+    ids = torch.randint(0, VOCAB, (1, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.grad is not None
