@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -165,8 +164,15 @@ def load_data(args) -> dict:
     return {"train": train[:-held_out], "validation": train[-held_out:], "test": test}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent process)."""
+    with open("/proc/self/status", encoding="utf-8") as handle:
+        line = next(line for line in handle if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def measure_in_subprocess(method: str, lr: float, density: float, args) -> dict:
-    """Peak RSS and step times of one short run in a fresh process (ru_maxrss never goes down in a process)."""
+    """Peak RSS and step times of one short run in a fresh process (a process's peak never goes down)."""
     settings = ["--model", args.model, "--batch", str(args.batch), "--seq_len", str(args.seq_len),
                 "--block_size", str(args.block_size), "--measure_steps", str(args.measure_steps)]  # fmt: skip
     command = [sys.executable, __file__, "--measure", method, str(lr), str(density), *settings]
@@ -190,12 +196,17 @@ def main() -> None:
     parser.add_argument("--output")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--measure", nargs=3, metavar=("METHOD", "LR", "DENSITY"), help=argparse.SUPPRESS)
-    parser.add_argument("--render", metavar="JSON", help="only rewrite the report from a finished run's .json twin")
+    parser.add_argument(
+        "--remeasure", metavar="JSON",
+        help="redo only the memory / speed / checkpoint runs of a finished run's .json twin and rewrite its report",
+    )  # fmt: skip
     args = parser.parse_args()
-    if args.render:
-        with open(args.render, encoding="utf-8") as handle:
+    if args.remeasure:
+        with open(args.remeasure, encoding="utf-8") as handle:
             report = json.load(handle)
-        write_report(report["rows"], args, setting=report["setting"])
+        for row in report["rows"]:
+            row["measured"] = measure_in_subprocess(row["method"], row["runs"][0]["lr"], row["density"] or 1.0, args)
+        write_report(report["rows"], args, setting=report["setting"], remeasured=args.remeasure)
         return
     args.vocab = 128
     if args.smoke:
@@ -206,7 +217,7 @@ def main() -> None:
         method, lr, density = args.measure[0], float(args.measure[1]), float(args.measure[2])
         args.steps = args.measure_steps
         result = train(method, lr, density, 0, data, args, evaluate=False)
-        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_rss_mb"] = peak_rss_mb()
         print(json.dumps(result))
         return
     configs = [("full", None)] + [("updates", d) for d in args.densities] + [("lora", d) for d in args.lora_densities]
@@ -223,7 +234,7 @@ def main() -> None:
     write_report(rows, args)
 
 
-def write_report(rows: list[dict], args, setting: str | None = None) -> None:
+def write_report(rows: list[dict], args, setting: str | None = None, remeasured: str | None = None) -> None:
     full = rows[0]
     full_loss = statistics.mean(run["test_loss"] for run in full["runs"])
     full_state = full["measured"]["state_bytes"]
@@ -235,6 +246,8 @@ def write_report(rows: list[dict], args, setting: str | None = None) -> None:
         f"steps of {args.batch} x {args.seq_len} tokens | blocks {args.block_size} | seeds {args.seeds}",
         "",
         "Test loss on held-out text (mean over seeds, each in brackets); learning rate picked on a validation split.",
+        *([f"Quality columns from the earlier run recorded in {os.path.basename(remeasured)}; memory, step time "
+           f"and checkpoint size measured again on {datetime.date.today()} by the command below."] * bool(remeasured)),
         f"Memory and step time: one {args.measure_steps}-step run per method in its own process, after the quality "
         f"runs; step time is the median from step {SETTLED} on (after updates mode's first selection).",
         "",
