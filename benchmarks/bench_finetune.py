@@ -240,14 +240,17 @@ def write_report(rows: list[dict], args, setting: str | None = None, remeasured:
     full_state = full["measured"]["state_bytes"]
     full_step = statistics.median(full["measured"]["step_seconds"][SETTLED:])
     model = "a tiny random Llama (smoke)" if args.smoke else args.model
+    remeasured_note = [
+        f"Quality columns from the earlier run recorded in {os.path.basename(remeasured)}; memory, step time and "
+        f"checkpoint size measured again on {datetime.date.today()} by the command below."
+    ] if remeasured else []  # fmt: skip
     lines = [
         setting
         or f"{datetime.date.today()} | {os.cpu_count()} CPUs | torch {torch.__version__} | {model} | {args.steps} "
         f"steps of {args.batch} x {args.seq_len} tokens | blocks {args.block_size} | seeds {args.seeds}",
         "",
         "Test loss on held-out text (mean over seeds, each in brackets); learning rate picked on a validation split.",
-        *([f"Quality columns from the earlier run recorded in {os.path.basename(remeasured)}; memory, step time "
-           f"and checkpoint size measured again on {datetime.date.today()} by the command below."] * bool(remeasured)),
+        *remeasured_note,
         f"Memory and step time: one {args.measure_steps}-step run per method in its own process, after the quality "
         f"runs; step time is the median from step {SETTLED} on (after updates mode's first selection).",
         "",

@@ -38,8 +38,8 @@ class SDTConfig:
       adapter. The active set is chosen by gradient over the first `selection_steps` steps and re-chosen every
       `update_interval` steps (drop the blocks with the smallest update, grow those with the largest gradient).
       Start from a learning rate about 10x that of full fine-tuning (1e-3 vs 1e-4 on SmolLM2-135M in
-      `benchmarks/results/finetune_smollm2.md`): few weights move, so each must move further. The fields `initial_density`, `schedule*`
-      and `prune_criterion` belong to weights mode and are ignored here.
+      `benchmarks/results/finetune_smollm2.md`): few weights move, so each must move further. The fields
+      `initial_density`, `schedule*` and `prune_criterion` belong to weights mode and are ignored here.
 
     Args:
         mode (`str`, defaults to `"weights"`):

@@ -34,6 +34,13 @@ def tiny_bert(folder: Path, words: list[str]) -> None:
     BertForSequenceClassification(config).save_pretrained(folder)
 
 
+# Updates mode trains few weights: a higher learning rate (see SDTConfig), and time for its blocks between selections.
+MODE_FLAGS = {
+    "weights": ["--update_interval", "4"],
+    "updates": ["--update_interval", "10", "--selection_steps", "2", "--learning_rate", "3e-3"],
+}
+
+
 @pytest.mark.parametrize("mode", ["weights", "updates"])
 def test_classification_recipe_trains_a_sparse_encoder(tmp_path, mode):
     rows = [("happy joyful glad", "pos"), ("sad gloomy bad", "neg")] * 32
@@ -45,7 +52,7 @@ def test_classification_recipe_trains_a_sparse_encoder(tmp_path, mode):
         [sys.executable, str(script), "--model_name_or_path", str(tmp_path / "bert"), "--train_file", str(data),
          "--validation_file", str(data), "--output_dir", str(tmp_path / "out"), "--max_steps", "40",
          "--learning_rate", "1e-3", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no",
-         "--density", "0.5", "--block_size", "16", "--update_interval", "4", "--mode", mode],
+         "--density", "0.5", "--block_size", "16", "--mode", mode, *MODE_FLAGS[mode]],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
