@@ -409,6 +409,7 @@ class UpdatesController(SDTController):
         super().__init__(model, config, total_steps)
         self.grad_energy: dict[str, torch.Tensor] = {}  # layer -> (block-rows, block-cols) fp32
         self.capturing = False
+        self._warned_unused = False
         self._flops_ratio = self._step_flops_ratio = self._linear_flops()
         if total_steps <= self.first_selection_step:
             warnings.warn(
@@ -488,21 +489,26 @@ class UpdatesController(SDTController):
         return hook
 
     def _select(self, optimizer, first: bool) -> None:
-        energies = {}
-        for name in self.layers:
-            if name not in self.grad_energy:
-                raise RuntimeError(
-                    f"SDT updates mode found no gradient statistics for layer {name!r} at step {self.step}: the "
-                    "step's forward must run after begin_step(step), with gradients enabled, through the layer."
-                )
-            energies[name] = _summed_over_ranks(self.grad_energy[name])
-        update_norms = {name: layer.sdt_updates.detach().flatten(1).norm(dim=1) for name, layer in self.layers.items()}
-        if not self._all_finite({name: [energies[name], update_norms[name]] for name in self.layers}):
+        unused = [name for name in self.layers if name not in self.grad_energy]
+        if unused and not self._warned_unused:
+            warnings.warn(
+                f"SDT updates mode: no gradient reached {len(unused)} layer(s) ({unused[:3]}) in the steps before "
+                f"the selection at step {self.step}; they keep their blocks. The step's forward must run after "
+                "begin_step(step), with gradients enabled (this warning is shown once).",
+                stacklevel=4,
+            )
+            self._warned_unused = True
+        energies = {name: _summed_over_ranks(energy) for name, energy in self.grad_energy.items()}
+        update_norms = {name: self.layers[name].sdt_updates.detach().flatten(1).norm(dim=1) for name in energies}
+        if not self._all_finite({name: [energies[name], update_norms[name]] for name in energies}):
             self.grad_energy.clear()
             return
         fraction = 1.0 if first else drop_fraction_at(self.step, self.total_steps, self.config)
         moved = total = 0
         for name, layer in self.layers.items():
+            total += layer.sdt_block_ids.numel()
+            if name not in energies:
+                continue
             ids, mask = layer.sdt_block_ids, layer.block_mask
             if first:
                 chosen = topk_block_mask(energies[name], ids.numel(), self.generator)
@@ -521,6 +527,5 @@ class UpdatesController(SDTController):
                 layer.move_blocks_(slots, new_ids)
                 reset_optimizer_state(optimizer, layer.sdt_updates, slots)
             moved += slots.numel()
-            total += ids.numel()
         self.churn = moved / max(total, 1)
         self.grad_energy.clear()

@@ -151,3 +151,24 @@ def test_a_controller_of_the_wrong_mode_is_refused():
     model = get_sdt_model(tiny_gpt2(), SDTConfig(block_size=16))
     with pytest.raises(ValueError, match="other mode"):
         SDTController(model, updates_config(), total_steps=4)
+
+
+def test_a_layer_no_gradient_reaches_keeps_its_blocks_with_a_warning():
+    config = updates_config()
+    model = get_sdt_model(tiny_gpt2(), config)
+    controller = SDTController(model, config, total_steps=10)
+    unused = sdt_layers(model)["transformer.h.1.mlp.c_proj"]
+    before = unused.sdt_block_ids.clone()
+    for step in range(3):  # the first selection ends step 2; one layer's statistics are lost on the way
+        controller.begin_step(step)
+        batch = torch.stack([ByteChunks()[i]["input_ids"] for i in range(2)])
+        model(input_ids=batch, labels=batch).loss.backward()
+        controller.grad_energy.pop("transformer.h.1.mlp.c_proj", None)
+        if step < 2:
+            controller.before_optimizer_step()
+        else:
+            with pytest.warns(UserWarning, match="no gradient reached 1 layer"):
+                controller.before_optimizer_step()
+        controller.after_optimizer_step()
+    assert torch.equal(unused.sdt_block_ids, before)
+    assert controller.churn > 0, "the other layers chose their blocks"
