@@ -183,7 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)
-        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+        if argv and argv[0] in ("-h", "--help"):
+            raise SystemExit(0)
+        known = ", ".join(COMMANDS)
+        raise SystemExit(f"hf-sdt: unknown command {argv[0]!r}; use one of {known}." if argv else 2)
     try:
         COMMANDS[argv[0]](argv[1:])
     except (FileNotFoundError, ValueError, OSError) as error:

@@ -89,3 +89,8 @@ def test_push_uploads_with_the_card(tmp_path, hub_server):
     main(["push", str(out), "test-user/cli-push"])
     _, files = hub_server.files("test-user/cli-push")
     assert {"README.md", "config.json", "model.safetensors", "tokenizer.json", "sdt_density.png"} <= set(files)
+
+
+def test_an_unknown_command_is_named(capsys):
+    with pytest.raises(SystemExit, match="unknown command 'bogus'; use one of demo, train, summary, push"):
+        main(["bogus"])
