@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -187,6 +188,7 @@ def get_sdt_model(
         _check_not_tied(model, name, layer)
     weights = [layer.weight if isinstance(layer, nn.Linear) else layer.weight.t() for layer in layers]  # (out, in)
     shapes = [tuple(weight.shape) for weight in weights]
+    _warn_if_density_rounds(shapes, config)
     stored = config.to_dict()
     if config.mode == "updates":
         dense_modules = find_modules_to_save(model, config)
@@ -216,6 +218,25 @@ def get_sdt_model(
     if hasattr(model, "config"):
         model.config.sdt_config = stored
     return model
+
+
+def _warn_if_density_rounds(shapes: list[tuple[int, int]], config: SDTConfig) -> None:
+    """Warn when whole blocks cannot come within 5% of `density` (small layers, large blocks)."""
+    if config.distribution == "global":
+        return
+    block = config.block_shape
+    counts = target_block_counts(shapes, block, config.density, config.distribution)
+    grids = [block_grid(shape, block) for shape in shapes]
+    sizes = [rows * cols for rows, cols in shapes]
+    achieved = sum(c / (g[0] * g[1]) * n for c, g, n in zip(counts, grids, sizes, strict=True)) / sum(sizes)
+    if abs(achieved - config.density) > 0.05 * config.density:
+        fewest = min(g[0] * g[1] for g in grids)
+        warnings.warn(
+            f"SDT density {config.density} becomes {achieved:.4f} with blocks of {block}: a layer keeps a whole "
+            f"number of blocks, at least one, and the smallest targeted layer has only {fewest}. Use smaller blocks "
+            "for a density closer to the one asked for.",
+            stacklevel=3,
+        )
 
 
 def _random_block_ids(shapes: list[tuple[int, int]], config: SDTConfig) -> list[torch.Tensor]:

@@ -258,3 +258,8 @@ def test_all_linear_on_a_peft_model_skips_the_adapters_and_the_output_layer():
     ids = torch.randint(0, VOCAB, (1, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.grad is not None
+
+
+def test_a_density_that_blocks_cannot_reach_is_warned_about():
+    with pytest.warns(UserWarning, match=r"density 0.1 becomes 0.1250 with blocks of \(32, 32\)"):
+        get_sdt_model(build("gpt2"), SDTConfig(density=0.1, block_size=32, schedule="constant"))
