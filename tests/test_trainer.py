@@ -86,31 +86,35 @@ def test_sdt_trainer_on_real_text(tmp_path):
     assert_zero_outside_masks(trainer.model, trainer.optimizer)
 
 
-def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path):
-    config = make_config(grow_criterion="random", schedule_end=0.3)
+@pytest.mark.parametrize(
+    "mode,steps,save_at",
+    [("weights", 30, 15), ("updates", 14, 6)],  # updates mode: checkpoint between its selections at 4 and 8
+)
+def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, mode, steps, save_at):
+    config = make_config(grow_criterion="random", schedule_end=0.3) if mode == "weights" else make_updates_config()
     full = SDTTrainer(
         model=tiny_gpt2(),
-        args=training_args(tmp_path / "full", max_steps=30, save_strategy="steps", save_steps=15),
+        args=training_args(tmp_path / "full", max_steps=steps, save_strategy="steps", save_steps=save_at),
         train_dataset=ByteChunks(),
         sdt_config=config,
     )
     full.train()
-    checkpoint = tmp_path / "full" / "checkpoint-15"
+    checkpoint = tmp_path / "full" / f"checkpoint-{save_at}"
     assert (checkpoint / SDT_STATE_NAME).is_file()
     resumed = SDTTrainer(
         model=tiny_gpt2(),
-        args=training_args(tmp_path / "resumed", max_steps=30),
+        args=training_args(tmp_path / "resumed", max_steps=steps),
         train_dataset=ByteChunks(),
         sdt_config=config,
     )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     expected, got = full.model.state_dict(), resumed.model.state_dict()
     for key in expected:
-        if key.endswith("sdt_mask"):
+        if key.endswith(("sdt_mask", "sdt_block_ids")):
             assert torch.equal(expected[key], got[key]), key
         else:
             torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert resumed.sdt_callback.controller.steps_done == 30
+    assert resumed.sdt_callback.controller.steps_done == steps
 
 
 def run_plain_loop(config: SDTConfig, steps: int, poison_step: int | None = None):
@@ -267,29 +271,6 @@ def test_updates_mode_trains_logs_and_checkpoints_adapters(tmp_path):
         layer.materialize_()
         active = expand_block_mask(layer.block_mask, layer.block_size, (layer.out_features, layer.in_features))
         assert torch.equal(layer.weight.t()[~active], pretrained[name + ".weight"].t()[~active])
-
-
-def test_updates_mode_resumes_like_an_uninterrupted_run(tmp_path):
-    config = make_updates_config()
-    full = SDTTrainer(
-        model=tiny_gpt2(),
-        args=training_args(tmp_path / "full", max_steps=14, save_strategy="steps", save_steps=6),
-        train_dataset=ByteChunks(),
-        sdt_config=config,
-    )
-    full.train()
-    resumed = SDTTrainer(
-        model=tiny_gpt2(), args=training_args(tmp_path / "resumed", max_steps=14), train_dataset=ByteChunks(),
-        sdt_config=config,
-    )  # fmt: skip
-    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
-    expected, got = full.model.state_dict(), resumed.model.state_dict()
-    for key in expected:
-        if key.endswith("sdt_block_ids"):
-            assert torch.equal(expected[key], got[key]), key
-        else:
-            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert resumed.sdt_callback.controller.steps_done == 14
 
 
 @pytest.mark.parametrize(
