@@ -188,14 +188,19 @@ def get_sdt_model(
         _check_not_tied(model, name, layer)
     weights = [layer.weight if isinstance(layer, nn.Linear) else layer.weight.t() for layer in layers]  # (out, in)
     shapes = [tuple(weight.shape) for weight in weights]
-    _warn_if_density_rounds(shapes, config)
+    counts = None  # blocks per layer at the final density: fixed, except with the global distribution
+    if config.distribution != "global":
+        counts = target_block_counts(shapes, block, config.density, config.distribution)
+        _warn_if_density_rounds(shapes, block, config.density, counts)
     stored = config.to_dict()
     if config.mode == "updates":
         dense_modules = find_modules_to_save(model, config)
         stored["modules_to_save"] = dense_modules
         if block_ids is not None:
             _check_saved_names(block_ids, targets, "block ids")
-        ids = [block_ids[name] for name in targets] if block_ids is not None else _random_block_ids(shapes, config)
+            ids = [block_ids[name] for name in targets]
+        else:
+            ids = _random_block_ids(shapes, block, counts, config.seed)
         model.requires_grad_(False)
         for name in dense_modules:
             model.get_submodule(name).requires_grad_(True)
@@ -220,30 +225,24 @@ def get_sdt_model(
     return model
 
 
-def _warn_if_density_rounds(shapes: list[tuple[int, int]], config: SDTConfig) -> None:
-    """Warn when whole blocks cannot come within 5% of `density` (small layers, large blocks)."""
-    if config.distribution == "global":
-        return
-    block = config.block_shape
-    counts = target_block_counts(shapes, block, config.density, config.distribution)
+def _warn_if_density_rounds(shapes: list[tuple[int, int]], block, density: float, counts: list[int]) -> None:
+    """Warn when whole blocks (`counts` per layer) cannot come within 5% of `density` (small layers, large blocks)."""
     grids = [block_grid(shape, block) for shape in shapes]
     sizes = [rows * cols for rows, cols in shapes]
     achieved = sum(c / (g[0] * g[1]) * n for c, g, n in zip(counts, grids, sizes, strict=True)) / sum(sizes)
-    if abs(achieved - config.density) > 0.05 * config.density:
+    if abs(achieved - density) > 0.05 * density:
         fewest = min(g[0] * g[1] for g in grids)
         warnings.warn(
-            f"SDT density {config.density} becomes {achieved:.4f} with blocks of {block}: a layer keeps a whole "
+            f"SDT density {density} becomes {achieved:.4f} with blocks of {block}: a layer keeps a whole "
             f"number of blocks, at least one, and the smallest targeted layer has only {fewest}. Use smaller blocks "
             "for a density closer to the one asked for.",
             stacklevel=3,
         )
 
 
-def _random_block_ids(shapes: list[tuple[int, int]], config: SDTConfig) -> list[torch.Tensor]:
-    """Seeded random placeholder blocks of updates mode, as many per layer as `density` and `distribution` say."""
-    block = config.block_shape
-    counts = target_block_counts(shapes, block, config.density, config.distribution)
-    generator = torch.Generator().manual_seed(config.seed)
+def _random_block_ids(shapes: list[tuple[int, int]], block, counts: list[int], seed: int) -> list[torch.Tensor]:
+    """Seeded random placeholder blocks of updates mode, `counts` per layer."""
+    generator = torch.Generator().manual_seed(seed)
     grids = [block_grid(shape, block) for shape in shapes]
     return [
         torch.randperm(rows * cols, generator=generator)[:count]
