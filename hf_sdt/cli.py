@@ -23,6 +23,13 @@ from .training import DataArguments, ModelArguments, end_distributed, is_main_pr
 
 REGEX_CHARACTERS = set(".*+?[](){}|^$\\")
 LIST_FIELDS = ("target_modules", "exclude_modules", "modules_to_save")
+# TrainingArguments flags that `hf-sdt train --help` shows (all of them are accepted; `--help-all` shows them all).
+COMMON_TRAINING_FLAGS = (
+    "output_dir", "max_steps", "num_train_epochs", "learning_rate", "lr_scheduler_type", "warmup_steps",
+    "weight_decay", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "eval_strategy", "eval_steps", "logging_steps", "save_strategy", "save_steps", "seed", "bf16", "use_cpu",
+    "report_to", "resume_from_checkpoint", "push_to_hub", "hub_model_id",
+)  # fmt: skip
 
 
 def _sdt_value(name: str, values: list) -> object:
@@ -38,17 +45,19 @@ def _sdt_value(name: str, values: list) -> object:
 
 
 def add_sdt_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per SDTConfig field (its help included), plus `--dense` for a baseline without SDT."""
+    """One flag per SDTConfig field (its help and real default included), plus `--dense` for a baseline."""
     group = parser.add_argument_group("SDT (see hf_sdt.SDTConfig)")
     for spec in fields(SDTConfig):
         if spec.name == "seed":
             continue  # one seed per run: TrainingArguments' --seed also seeds SDT
-        help_text = spec.metadata.get("help", "")
+        # A flag not given stays out of the namespace, so SDTConfig (and its mode) fills in the default.
+        help_text = spec.metadata.get("help", "") + ("" if spec.default is None else f" (default: {spec.default})")
         if spec.name in (*LIST_FIELDS, "block_size"):
             kind = int if spec.name == "block_size" else str
-            group.add_argument(f"--{spec.name}", nargs="+", type=kind, default=None, help=help_text)
+            group.add_argument(f"--{spec.name}", nargs="+", type=kind, default=argparse.SUPPRESS, help=help_text)
         else:
-            group.add_argument(f"--{spec.name}", type=_scalar_type(spec.type), default=None, help=help_text)
+            kind = _scalar_type(spec.type)
+            group.add_argument(f"--{spec.name}", type=kind, default=argparse.SUPPRESS, help=help_text)
     group.add_argument("--dense", action="store_true", help="Train without SDT (a dense baseline).")
 
 
@@ -64,16 +73,31 @@ def _scalar_type(annotation: str) -> type:
 
 def sdt_config_from(namespace: argparse.Namespace, seed: int, **defaults) -> SDTConfig | None:
     """The SDTConfig of the parsed SDT flags (None with `--dense`); `defaults` fill fields no flag set."""
-    values = {key: value for key, value in vars(namespace).items() if value is not None}
+    values = dict(vars(namespace))
     if values.pop("dense", False):
         return None
     values = {key: _sdt_value(key, value) for key, value in values.items()}
     return SDTConfig(seed=seed, **{**defaults, **values})
 
 
-def build_train_parser() -> HfArgumentParser:
-    """Model, data and TrainingArguments flags (transformers' own names), plus the SDT flags."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="hf-sdt train")
+def build_train_parser(show_all: bool = False) -> HfArgumentParser:
+    """Model, data and TrainingArguments flags (transformers' own names), plus the SDT flags. Every TrainingArguments
+    flag is accepted; `--help` lists the common ones (`COMMON_TRAINING_FLAGS`) unless `show_all`."""
+    training_flags = {spec.name for spec in fields(TrainingArguments)}
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments),
+        prog="hf-sdt train",
+        usage="hf-sdt train [CONFIG.yaml] [--flag value ...]",
+        description="Train a causal LM with SDT. Flags after CONFIG.yaml override its values.",
+        epilog=None if show_all else (
+            f"Every one of transformers' {len(training_flags)} TrainingArguments flags is accepted; the common "
+            "ones are listed above and `hf-sdt train --help-all` lists them all."
+        ),
+    )  # fmt: skip
+    if not show_all:
+        for action in parser._actions:
+            if action.dest in training_flags and action.dest not in COMMON_TRAINING_FLAGS:
+                action.help = argparse.SUPPRESS
     add_sdt_arguments(parser)
     return parser
 
@@ -130,6 +154,9 @@ def parse_train_args(argv: list[str]):
 
 
 def _train(argv: list[str]) -> None:
+    if "--help-all" in argv:
+        build_train_parser(show_all=True).print_help()
+        return
     model_args, data_args, training_args, sdt_config = parse_train_args(argv)
     try:
         metrics = run_training(model_args, data_args, training_args, sdt_config)

@@ -3,8 +3,10 @@
 - Adapter (updates mode): `save_pretrained(model, dir)` writes `sdt_adapter_config.json` (the SDT config and the
   base model's id) and `sdt_adapter.safetensors` (each layer's compact updates and block ids, and the tensors of
   `modules_to_save`); `from_pretrained(dir_or_repo_id)` loads the base model and applies it exactly.
-- Dense format: `model.save_pretrained(dir)` as in transformers; weights with exact zeros, the `sdt_mask` buffers
-  and `sdt_config` inside `config.json`. Vanilla `from_pretrained` loads it (the masks are reported as unused).
+- Dense format: transformers' own files (weights with exact zeros, `sdt_config` inside `config.json`), which vanilla
+  `from_pretrained` loads silently, and the block masks in `sdt_masks.safetensors`, which only hf_sdt reads.
+  (`model.save_pretrained(dir)` also works, with the masks inside the weights file: vanilla transformers then
+  reports them as unexpected keys.)
 - Packed format: `save_pretrained(model, dir, packed=True)` writes `config.json` and `sdt_packed.safetensors`, in
   which each SDT weight keeps only its active elements (`<layer>.weight.sdt_active`) next to its mask.
 """
@@ -37,6 +39,8 @@ ADAPTER_WEIGHTS_NAME = "sdt_adapter.safetensors"
 ADAPTER_FORMAT = "hf_sdt-adapter-1"
 UPDATES_SUFFIX = ".sdt_updates"
 BLOCK_IDS_SUFFIX = ".sdt_block_ids"
+MASKS_NAME = "sdt_masks.safetensors"
+MASKS_FORMAT = "hf_sdt-masks-1"
 PACKED_WEIGHTS_NAME = "sdt_packed.safetensors"
 PACKED_FORMAT = "hf_sdt-packed-1"
 ACTIVE_SUFFIX = ".weight.sdt_active"
@@ -58,8 +62,9 @@ def save_pretrained(
     block ids and `modules_to_save`), with the base model's id or folder (`base_model`, default the model's
     `config._name_or_path`) and `revision`, so that `hf_sdt.from_pretrained(save_directory)` can rebuild it.
 
-    Weights mode: dense (`model.save_pretrained`, loadable by vanilla transformers) or `packed`, where the
-    targeted weights take about `density` of their dense bytes and only `hf_sdt.from_pretrained` can read them.
+    Weights mode: dense (transformers' files, loadable by vanilla transformers, plus `sdt_masks.safetensors`;
+    `kwargs`, e.g. `state_dict`, go to `model.save_pretrained`) or `packed`, where the targeted weights take about
+    `density` of their dense bytes and only `hf_sdt.from_pretrained` can read them.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -75,7 +80,7 @@ def save_pretrained(
         _save_adapter(model, str(save_directory), base_model, revision)
         return
     if not packed:
-        model.save_pretrained(save_directory, **kwargs)
+        _save_dense(model, str(save_directory), **kwargs)
         return
     os.makedirs(save_directory, exist_ok=True)
     model.config.architectures = [type(model).__name__]  # as transformers' own save_pretrained records it
@@ -92,6 +97,39 @@ def save_pretrained(
             storages.add(value.untyped_storage().data_ptr())
             tensors[key] = value.contiguous()
     save_file(tensors, os.path.join(save_directory, PACKED_WEIGHTS_NAME), metadata={"format": PACKED_FORMAT})
+
+
+def _save_dense(model: nn.Module, directory: str, state_dict: dict | None = None, **kwargs) -> None:
+    state = dict(model.state_dict() if state_dict is None else state_dict)
+    masks = {key: state.pop(key).contiguous().cpu() for key in list(state) if key.endswith(MASK_SUFFIX)}
+    model.save_pretrained(directory, state_dict=state, **kwargs)
+    if kwargs.get("is_main_process", True):
+        save_file(masks, os.path.join(directory, MASKS_NAME), metadata={"format": MASKS_FORMAT})
+
+
+def load_checkpoint_(model: nn.Module, folder: str) -> None:
+    """Load a checkpoint folder saved by `save_pretrained` (a Trainer checkpoint, say) into `model`, an SDT model of
+    the same architecture and mode: weights and masks, or in updates mode the adapter. Checked before it is applied.
+
+    Example:
+        >>> load_checkpoint_(trainer.model, "out/checkpoint-500")  # doctest: +SKIP
+    """
+    if SDTConfig.from_dict(model.config.sdt_config).mode == "updates":
+        from_pretrained(folder, base_model=model)
+        return
+    state: dict[str, torch.Tensor] = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            state.update(_read_safetensors(os.path.join(folder, name))[0])
+    expected = model.state_dict()
+    missing = set(expected) - set(state) - _tied_keys(model)
+    wrong = [key for key in state if key not in expected or expected[key].shape != state[key].shape]
+    if missing or wrong:
+        raise ValueError(
+            f"The checkpoint in {folder} does not fit this {type(model).__name__}: missing {sorted(missing)[:5]}, "
+            f"unknown or of another shape {wrong[:5]}."
+        )
+    model.load_state_dict(state, strict=False)
 
 
 def _save_adapter(model: nn.Module, directory: str, base_model: str | None, revision: str | None) -> None:

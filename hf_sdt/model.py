@@ -191,7 +191,8 @@ def get_sdt_model(
     counts = None  # blocks per layer at the final density: fixed, except with the global distribution
     if config.distribution != "global":
         counts = target_block_counts(shapes, block, config.density, config.distribution)
-        _warn_if_density_rounds(shapes, block, config.density, counts)
+        if masks is None and block_ids is None:  # a saved model being loaded warned when it was converted
+            _warn_if_density_rounds(shapes, block, config.density, counts)
     stored = config.to_dict()
     if config.mode == "updates":
         dense_modules = find_modules_to_save(model, config)

@@ -69,8 +69,9 @@ class SDTTrainer(Trainer):
     logged with the loss, and the SDT state is saved in every checkpoint and restored by
     `train(resume_from_checkpoint=...)`.
 
-    In updates mode (`SDTConfig(mode="updates")`), checkpoints, `save_model()` and `push_to_hub()` write the
-    adapter only (`hf_sdt.save_pretrained`), about `density` of the targeted weights' size, with an adapter card.
+    Checkpoints, `save_model()` and `push_to_hub()` save with `hf_sdt.save_pretrained`: in weights mode the dense
+    weights (which vanilla transformers loads) and `sdt_masks.safetensors`; in updates mode (`SDTConfig(mode=
+    "updates")`) the adapter only, about `density` of the targeted weights' size, with an adapter card.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
@@ -133,16 +134,15 @@ class SDTTrainer(Trainer):
         )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """In updates mode, write the adapter (not the whole model) with the processing class and arguments."""
-        if self.sdt_config.mode != "updates":
-            super()._save(output_dir, state_dict)
-            return
+        """Save with `hf_sdt.save_pretrained` (weights without masks plus `sdt_masks.safetensors`, so that vanilla
+        transformers loads the weights silently; in updates mode the adapter only), the processing class and
+        arguments."""
         if not self.args.should_save:
             return
         from .hub import save_pretrained
 
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        save_pretrained(self.accelerator.unwrap_model(self.model), output_dir)
+        save_pretrained(self.accelerator.unwrap_model(self.model), output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -153,15 +153,20 @@ class SDTTrainer(Trainer):
         super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        """Also read the SDT state saved beside the checkpoint's weights (in updates mode, the adapter)."""
-        if self.sdt_config.mode == "updates":
-            from .hub import from_pretrained
+        """Load the checkpoint's weights and masks (in updates mode, its adapter) and the SDT state beside them."""
+        from .hub import load_checkpoint_
 
-            from_pretrained(resume_from_checkpoint, base_model=model if model is not None else self.model)
-        else:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_checkpoint_(model if model is not None else self.model, resume_from_checkpoint)
         path = os.path.join(resume_from_checkpoint, SDT_STATE_NAME)
         if os.path.isfile(path):
             self.sdt_callback.pending_state = torch.load(path, weights_only=True)
         else:
             logger.warning("No %s in %s: the SDT schedule restarts its accumulators.", SDT_STATE_NAME, path)
+
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end`: load the best checkpoint's weights and masks (or adapter)."""
+        from .hub import load_checkpoint_
+
+        best = self.state.best_model_checkpoint
+        logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
+        load_checkpoint_(self.model, best)

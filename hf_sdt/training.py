@@ -127,13 +127,20 @@ def build_tokenizer(model_args: ModelArguments, texts):
     return tokenizer
 
 
-def build_model(model_args: ModelArguments, vocab_size: int, max_seq_length: int):
+def build_model(model_args: ModelArguments, tokenizer, max_seq_length: int):
+    """The pretrained model, or one from `model_config` sized to the tokenizer, whose special token ids it takes (a
+    config's own defaults, e.g. GPT-2's 50256, would not exist in a small trained vocabulary)."""
     if model_args.model_name_or_path is not None:
         return _from_hub_or_path(AutoModelForCausalLM.from_pretrained, model_args.model_name_or_path)
     if model_args.model_config is None:
         raise ValueError("Give --model_name_or_path (to fine-tune) or --model_config (a JSON config, from scratch).")
-    values = json.loads(model_args.model_config)
-    config = AutoConfig.for_model(**{"vocab_size": vocab_size, "n_positions": max_seq_length, **values})
+    special_tokens = {
+        "bos_token_id": tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    values = {"vocab_size": len(tokenizer), "n_positions": max_seq_length, **special_tokens}
+    config = AutoConfig.for_model(**{**values, **json.loads(model_args.model_config)})
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -162,7 +169,10 @@ def tokenize_and_pack(raw: DatasetDict, tokenizer, data_args: DataArguments) -> 
         ids = list(chain.from_iterable(batch["input_ids"]))
         usable = len(ids) // data_args.max_seq_length * data_args.max_seq_length
         blocks = [ids[i : i + data_args.max_seq_length] for i in range(0, usable, data_args.max_seq_length)]
-        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+        # An explicit all-ones attention mask: the pad token (eos) occurs inside packed text, so without one
+        # transformers cannot tell it is not padding and warns.
+        ones = [[1] * data_args.max_seq_length for _ in blocks]
+        return {"input_ids": blocks, "attention_mask": ones, "labels": [list(block) for block in blocks]}
 
     tokenized = raw.map(tokenize, batched=True, remove_columns=raw["train"].column_names, desc="Tokenizing")
     return tokenized.map(pack, batched=True, remove_columns=tokenized["train"].column_names, desc="Packing")
@@ -184,7 +194,7 @@ def run_training(
             f"Not enough text for one block of {data_args.max_seq_length} tokens in train and validation."
         )
     set_seed(training_args.seed)  # the initial weights of a model trained from scratch follow `--seed` too
-    model = build_model(model_args, len(tokenizer), data_args.max_seq_length)
+    model = build_model(model_args, tokenizer, data_args.max_seq_length)
     common = {
         "model": model,
         "args": training_args,

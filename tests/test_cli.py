@@ -94,3 +94,15 @@ def test_push_uploads_with_the_card(tmp_path, hub_server):
 def test_an_unknown_command_is_named(capsys):
     with pytest.raises(SystemExit, match="unknown command 'bogus'; use one of demo, train, summary, push"):
         main(["bogus"])
+
+
+def test_train_help_is_short_and_shows_real_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    short = capsys.readouterr().out
+    assert len(short.splitlines()) < 200 and "--help-all" in short
+    assert "(default: None)" not in short.split("SDT (see hf_sdt.SDTConfig)")[1]
+    assert "(default: 64)" in short and "(default: cubic)" in short and "--learning_rate" in short
+    assert "--adam_beta1" not in short
+    main(["train", "--help-all"])
+    assert "--adam_beta1" in capsys.readouterr().out

@@ -37,10 +37,13 @@ def test_round_trip_is_exact(tmp_path, packed):
     assert loaded.config.sdt_config == model.config.sdt_config
 
 
-def test_vanilla_transformers_loads_the_dense_format(tmp_path):
+def test_vanilla_transformers_loads_the_dense_format_silently(tmp_path, capfd):
     model = odd_sdt_model()
     hub.save_pretrained(model, tmp_path)
+    assert not [key for key in load_file(tmp_path / "model.safetensors") if key.endswith(hub.MASK_SUFFIX)]
+    capfd.readouterr()
     vanilla = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert "UNEXPECTED" not in capfd.readouterr().err
     assert not sdt_layers(vanilla)
     torch.testing.assert_close(vanilla(IDS).logits, model(IDS).logits, rtol=1e-5, atol=1e-5)
 
@@ -69,10 +72,10 @@ def test_checkpoint_without_sdt_metadata_says_how_to_convert(tmp_path):
 @pytest.mark.parametrize("packed", [False, True])
 def test_mismatched_mask_names_the_layer(tmp_path, packed):
     hub.save_pretrained(odd_sdt_model(), tmp_path, packed=packed)
-    path = tmp_path / (hub.PACKED_WEIGHTS_NAME if packed else "model.safetensors")
+    path = tmp_path / (hub.PACKED_WEIGHTS_NAME if packed else hub.MASKS_NAME)
     tensors = load_file(path)
     tensors["transformer.h.1.mlp.c_fc.sdt_mask"] = torch.ones(5, 5, dtype=torch.bool)
-    save_file(tensors, path, metadata={"format": hub.PACKED_FORMAT if packed else "pt"})
+    save_file(tensors, path, metadata={"format": hub.PACKED_FORMAT if packed else hub.MASKS_FORMAT})
     with pytest.raises(ValueError, match=r"'transformer.h.1.mlp.c_fc' has shape \(5, 5\)"):
         hub.from_pretrained(str(tmp_path))
 

@@ -18,6 +18,7 @@ from sdt_helpers import (
 )
 from transformers import TrainerCallback
 
+import hf_sdt
 from hf_sdt import SDTConfig, get_sdt_model, sdt_layers
 from hf_sdt.controller import SDTController
 from hf_sdt.masks import expand_block_mask
@@ -289,3 +290,22 @@ def test_updates_mode_trainer_variants(tmp_path, overrides):
     assert math.isfinite(result.training_loss)
     assert max(entry.get("sdt/churn", 0) for entry in trainer.state.log_history) > 0
     assert all(layer.sdt_updates.abs().sum() > 0 for layer in sdt_layers(trainer.model).values())
+
+
+@pytest.mark.parametrize("mode", ["weights", "updates"])
+def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path, mode):
+    config = make_updates_config() if mode == "updates" else make_config(schedule="constant", update_interval=2)
+    # "Best" is the highest loss, an early checkpoint, so that loading it changes the model.
+    args = training_args(
+        tmp_path, max_steps=8, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+        load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+    )  # fmt: skip
+    data = ByteChunks()
+    trainer = SDTTrainer(model=tiny_gpt2(), args=args, train_dataset=data, eval_dataset=data, sdt_config=config)
+    trainer.train()
+    assert not trainer.state.best_model_checkpoint.endswith("checkpoint-8")  # else this tests nothing
+    best = hf_sdt.from_pretrained(trainer.state.best_model_checkpoint, base_model=tiny_gpt2())
+    for name, layer in sdt_layers(best).items():
+        assert torch.equal(sdt_layers(trainer.model)[name].block_mask, layer.block_mask), name
+    ids = data[0]["input_ids"][None]
+    torch.testing.assert_close(trainer.model.eval()(ids).logits, best.eval()(ids).logits)

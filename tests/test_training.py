@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_sdt
 from hf_sdt import sparsity_summary
@@ -20,6 +21,15 @@ def test_the_seed_fixes_a_from_scratch_run(tmp_path):
         return run_training(*parse_train_args(argv))["eval_loss"]
 
     assert eval_loss("first", 0) == eval_loss("again", 0) != eval_loss("other_seed", 1)
+
+
+def test_a_from_scratch_model_takes_the_tokenizers_special_tokens_and_loads_silently(tmp_path, capfd):
+    run_training(*parse_train_args([TINY, "--max_steps", "1", "--output_dir", str(tmp_path)]))
+    capfd.readouterr()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert model.config.bos_token_id == model.config.eos_token_id == tokenizer.eos_token_id < len(tokenizer)
+    assert capfd.readouterr().err.count("\n") <= 2  # the progress bar; no load report, no token id warning
 
 
 def test_updates_mode_fine_tunes_a_saved_model_into_an_adapter(tmp_path):
