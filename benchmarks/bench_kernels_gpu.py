@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 from benchmark_report import finish_report
 
-from hf_sdt.functional import build_layout, reference_linear, sdt_linear
+from hf_sdt.functional import reference_linear, sdt_linear
 from hf_sdt.masks import active_block_count, expand_block_mask, topk_block_mask
 
 FULL_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in, out)
@@ -87,13 +87,12 @@ def time_row(tokens, in_features, out_features, block, density, dtype, device, w
         )
         for _ in range(rotations)
     ]
-    layout = build_layout("triton", mask, (block, block), (out_features, in_features), int(mask.sum()))
 
     def dense_step(x, grad_out):
         torch.autograd.grad(F.linear(x, weight), (x, weight), grad_out)
 
     def sdt_step(x, grad_out):
-        torch.autograd.grad(sdt_linear(x, weight, None, mask, (block, block), "triton", layout), (x, weight), grad_out)
+        torch.autograd.grad(sdt_linear(x, weight, None, mask, (block, block), "triton"), (x, weight), grad_out)
 
     row = {
         "shape": f"{tokens} x {in_features} -> {out_features}",

@@ -114,3 +114,31 @@ def scatter_blocks_(matrix: torch.Tensor, values: torch.Tensor, block_ids: torch
     local_rows, local_cols = rows - rows[:, :1, :], cols - cols[:, :, :1]  # (n, rows, cols), clamped too
     slots = torch.arange(values.shape[0], device=values.device)[:, None, None]
     matrix[rows, cols] = values[slots, local_rows, local_cols].to(matrix.dtype)
+
+
+@torch.no_grad()
+def zero_inactive_blocks_(matrix: torch.Tensor, block_mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Set every element of a (out, in) matrix (any strides) outside the active blocks of `block_mask` to exactly
+    zero, in place, and return it. The mask is broadcast over block views of the whole blocks and of the partial
+    edge strips: no element-sized mask is formed.
+
+    Example:
+        >>> zero_inactive_blocks_(torch.ones(3, 3), torch.tensor([[True, False], [False, True]]), (2, 2))
+        tensor([[1., 1., 0.],
+                [1., 1., 0.],
+                [0., 0., 1.]])
+    """
+    inactive = ~block_mask
+    whole_rows, whole_cols = matrix.shape[0] // block[0], matrix.shape[1] // block[1]
+    top, left = whole_rows * block[0], whole_cols * block[1]
+    extra_rows, extra_cols = matrix.shape[0] - top, matrix.shape[1] - left
+    matrix[:top, :left].view(whole_rows, block[0], whole_cols, block[1]).masked_fill_(
+        inactive[:whole_rows, None, :whole_cols, None], 0
+    )
+    if extra_rows:  # the bottom strip of partial blocks
+        matrix[top:, :left].view(extra_rows, whole_cols, block[1]).masked_fill_(inactive[-1, :whole_cols, None], 0)
+    if extra_cols:  # the right strip
+        matrix[:top, left:].view(whole_rows, block[0], extra_cols).masked_fill_(inactive[:whole_rows, None, -1:], 0)
+    if extra_rows and extra_cols:
+        matrix[top:, left:].masked_fill_(inactive[-1, -1], 0)
+    return matrix

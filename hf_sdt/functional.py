@@ -1,11 +1,15 @@
 """Block-sparse linear products and backend dispatch.
 
 Weights mode (`sdt_linear`): three backends compute the same thing, forward Y = X (W*M)^T + b, backward
-dX = dY (W*M), dW = (dY^T X) * M:
+dX = dY (W*M), dW = (dY^T X) * M, for a weight W that is zero outside its active blocks:
 
 - ``reference``: the masked dense matmul, used by tests as the oracle (no saving at all);
-- ``torch``: the blocked PyTorch path below, whose work is proportional to the number of active blocks;
+- ``torch``: per call, the blocked PyTorch path (work proportional to the number of active blocks), the few-token
+  product of inference (reads only the active blocks), or one dense GEMM where neither pays (`choose_ops`);
 - ``triton``: the GPU kernels of ``hf_sdt.kernels``.
+
+The ``torch`` and ``triton`` products run inside the custom op ``hf_sdt::block_sparse_mm`` (and its backward), so
+that torch.compile traces them as single nodes with the mask as a tensor input.
 
 Updates mode (`sparse_update_linear`): the weight W = base + U is dense and frozen, the trainable updates U live in
 a compact (n, block_rows, block_cols) store (see `hf_sdt.blocks`). Forward and dX are one dense GEMM each on W;
@@ -21,8 +25,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
-from .blocks import element_positions
+from .blocks import block_ids_of, element_positions, gather_blocks, zero_inactive_blocks_
 from .config import BACKENDS
 from .masks import block_grid, expand_block_mask, masked_fraction
 
@@ -44,11 +49,24 @@ class BlockedLayout:
 
     `blocks` lists each active block as (first row, end row, first column, end column), edge blocks cropped;
     `col_slabs` holds, for each block-column with active blocks, (first column, end column, element indices of
-    the rows of its active blocks). `density` is the fraction of weight elements inside active blocks.
+    the rows of its active blocks). `block_ids` (n,) are the active blocks' row-major ids, `block_rows` and
+    `block_cols` (n,) their block coordinates, `row_sums` (R, n) the 0/1 matrix that sums the slots of each
+    block-row, and `mask` a copy of the block mask, all on the mask's device, for the few-token and dense paths.
+    When the block tiles the weight, `storage_rows` holds the rows of the (out * C, cols) and (in * R, rows) views
+    of a contiguous weight and of a contiguous transposed one (Conv1D) that make up the active blocks, slot by
+    slot, so that one `index_select` gathers them (None otherwise). `density` is the fraction of weight elements
+    inside active blocks.
     """
 
     blocks: tuple[tuple[int, int, int, int], ...]
     col_slabs: tuple[tuple[int, int, torch.Tensor], ...]
+    block_ids: torch.Tensor
+    block_rows: torch.Tensor
+    block_cols: torch.Tensor
+    row_sums: torch.Tensor
+    mask: torch.Tensor
+    storage_rows: tuple[torch.Tensor, torch.Tensor] | None
+    block: tuple[int, int]
     shape: tuple[int, int]
     density: float
 
@@ -79,7 +97,23 @@ def build_blocked_layout(mask: torch.Tensor, block: tuple[int, int], shape: tupl
             rows = (active_rows[:, None] * block[0] + row_offsets).flatten()
             rows = rows[rows < shape[0]].to(mask.device)
             col_slabs.append((c * block[1], min((c + 1) * block[1], shape[1]), rows))
-    return BlockedLayout(blocks, tuple(col_slabs), shape, masked_fraction(host_mask, block, shape))
+    block_ids, density = block_ids_of(host_mask).to(mask.device), masked_fraction(host_mask, block, shape)
+    block_rows, block_cols, own_mask = block_ids // mask.shape[1], block_ids % mask.shape[1], mask.detach().clone()
+    slots = torch.arange(block_ids.numel(), device=mask.device)
+    row_sums = torch.zeros(mask.shape[0], block_ids.numel(), device=mask.device)
+    row_sums[block_rows, slots] = 1.0
+    storage_rows = None
+    if shape[0] % block[0] == 0 and shape[1] % block[1] == 0:
+        rows_of = torch.arange(block[0], device=mask.device)
+        cols_of = torch.arange(block[1], device=mask.device)
+        storage_rows = (
+            (((block_rows * block[0])[:, None] + rows_of) * mask.shape[1] + block_cols[:, None]).flatten(),
+            (((block_cols * block[1])[:, None] + cols_of) * mask.shape[0] + block_rows[:, None]).flatten(),
+        )
+    return BlockedLayout(
+        blocks, tuple(col_slabs), block_ids, block_rows, block_cols, row_sums, own_mask, storage_rows, block, shape,
+        density,
+    )  # fmt: skip
 
 
 def blocked_path_pays(layout: BlockedLayout, tokens: int, block: tuple[int, int]) -> bool:
@@ -154,22 +188,201 @@ class TritonOps:
         return grad_x, grad_w
 
 
-class BlockSparseLinearFunction(torch.autograd.Function):
-    """Y = X W^T reading only the active blocks of W (out, in), with `ops` (blocked torch or Triton) doing the
-    products; dW is exactly zero outside the active blocks."""
+class DenseTorchOps:
+    """One dense GEMM per product where the blocked path's per-GEMM overhead would not pay (few tokens, small
+    layers, high density). The weight must be zero outside its active blocks (`SDTLinear` keeps it so), which makes
+    Y and dX exact with no masking; dW is zeroed outside the active blocks on block views (no element mask)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, ops, layout) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.ops, ctx.layout = ops, layout
-        return ops.forward(x, weight, layout)
+    def forward(x: torch.Tensor, weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
+        return x @ weight.t()  # (T, out)
+
+    @staticmethod
+    def backward(grad_out, x, weight, layout: BlockedLayout, need_x: bool, need_w: bool):
+        grad_x = grad_out @ weight if need_x else None
+        grad_w = zero_inactive_blocks_(grad_out.t() @ x, layout.mask, layout.block) if need_w else None
+        return grad_x, grad_w
+
+
+class FewTokensOps:
+    """Y = X W^T for a few tokens (decoding) reading only the active blocks: gather them into (n, rows, cols), one
+    batched product, then one small GEMM that sums the slots of each block-row (an index_add_ of these few values
+    costs 30 us on a CPU). A handful of tensor ops whatever the number of blocks, where the blocked path would run
+    one GEMM per block; memory traffic about `density` of the weight's bytes. Inference only (no backward)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
+        tokens, (block_rows, block_cols), grid = x.shape[0], layout.block, layout.mask.shape
+        blocks = FewTokensOps.active_blocks(weight, layout)  # (n, rows, cols)
+        if x.shape[1] % block_cols:
+            x = F.pad(x, (0, grid[1] * block_cols - x.shape[1]))  # (T, C * cols)
+        x_blocks = x.view(tokens, grid[1], block_cols).index_select(1, layout.block_cols)  # (T, n, cols)
+        products = torch.bmm(x_blocks.transpose(0, 1), blocks.transpose(1, 2))  # (n, T, rows)
+        row_sums = layout.row_sums if layout.row_sums.dtype == x.dtype else layout.row_sums.to(x.dtype)
+        out = torch.mm(row_sums, products.view(-1, tokens * block_rows))  # (R, n) @ (n, T * rows)
+        out = out.view(grid[0], tokens, block_rows).transpose(0, 1).reshape(tokens, -1)  # (T, R * rows)
+        return out[:, : layout.shape[0]]  # (T, out)
+
+    @staticmethod
+    def active_blocks(weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
+        """The active blocks (n, rows, cols): one row gather of the weight's storage when the block tiles it (six
+        times faster than indexing the blocks of a 4-D view), else `gather_blocks`."""
+        if layout.storage_rows is not None:
+            (rows, cols), (out_rows, in_rows) = layout.block, layout.storage_rows
+            if weight.is_contiguous():
+                return weight.view(-1, cols).index_select(0, out_rows).view(-1, rows, cols)
+            if weight.t().is_contiguous():  # a Conv1D weight, stored (in, out)
+                return weight.t().view(-1, rows).index_select(0, in_rows).view(-1, cols, rows).transpose(1, 2)
+        return gather_blocks(weight, layout.block_ids, layout.block)
+
+
+# Few-token inference (decoding) runs `FewTokensOps` up to `FEW_TOKENS` tokens per call when it reads fewer bytes than
+# one dense GEMM on the zero-filled weight: it costs about FEW_TOKENS_OVERHEAD_BYTES of fixed work per call (80-100 us
+# on a 2-core CPU, the time to read about 1 MB there) plus twice the bytes of the active blocks (gathered, then read
+# again by the product). Fitted to benchmarks/bench_decode.py (SDT 0.5 on the SmolLM2 shape ran slower than dense
+# with the factor 1) and the per-layer timings behind it.
+FEW_TOKENS = 16
+FEW_TOKENS_OVERHEAD_BYTES = 1e6
+
+
+def few_tokens_pay(layout: BlockedLayout, element_size: int) -> bool:
+    """Whether the few-token product beats one dense GEMM on the zero-filled weight (measured rule, see above):
+    at fp32, below density 0.36 for a 1536 x 576 layer, 0.12 for 576 x 576, never for 1 MB or less.
+
+    Example:
+        >>> quarter = torch.arange(216).view(24, 9) % 4 == 0
+        >>> layout = build_blocked_layout(quarter, (64, 64), (1536, 576))
+        >>> few_tokens_pay(layout, 4), few_tokens_pay(layout, 2)  # fp32, bf16
+        (True, False)
+    """
+    weight_bytes = layout.shape[0] * layout.shape[1] * element_size
+    return FEW_TOKENS_OVERHEAD_BYTES + 2 * layout.density * weight_bytes < weight_bytes
+
+
+def choose_ops(backend: str, layout, tokens: int, for_training: bool, element_size: int = 4):
+    """The products of one call: Triton kernels; or on the torch backend the few-token product (inference, when
+    `few_tokens_pay`), the blocked path when it pays (`blocked_path_pays`), else one dense GEMM on the zero-filled
+    weight."""
+    if backend == "triton":
+        return TritonOps
+    if not for_training and tokens <= FEW_TOKENS and few_tokens_pay(layout, element_size):
+        return FewTokensOps
+    return BlockedTorchOps if blocked_path_pays(layout, tokens, layout.block) else DenseTorchOps
+
+
+# Layouts are cached per mask tensor (by identity, with its version counter), not by the layer: the products are
+# custom ops, which take tensors only, so that torch.compile traces an SDT layer as one opaque node whose mask is an
+# input (a drop/grow step changes the mask's values, not the graph).
+_LAYOUT_CACHE = WeakIdKeyDictionary()  # mask -> ((backend, block, shape, version), layout)
+_ACTIVE_COUNTS = WeakIdKeyDictionary()  # mask -> (version, number of active blocks)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter of `tensor`; None for an inference tensor, which has none (one made under
+    `torch.inference_mode()`, e.g. a model loaded there)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def record_active_blocks(mask: torch.Tensor, n_active: int) -> None:
+    """Tell the layout cache how many blocks `mask` has active at its current version: the Triton layout is then
+    rebuilt on the device without reading the mask back to the host."""
+    _ACTIVE_COUNTS[mask] = (_version(mask), n_active)
+
+
+def cached_layout(backend: str, mask: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]):
+    """`build_layout(...)` of `mask`, rebuilt only when the mask changes (in place, or a new tensor) or the backend
+    does.
+
+    Example:
+        >>> mask = torch.tensor([[True, False]])
+        >>> cached_layout("torch", mask, (2, 2), (2, 4)) is cached_layout("torch", mask, (2, 2), (2, 4))
+        True
+    """
+    key = (backend, tuple(block), tuple(shape), _version(mask))
+    cached = _LAYOUT_CACHE.get(mask)
+    if cached is None or cached[0] != key:
+        version, n_active = _ACTIVE_COUNTS.get(mask, (None, None))
+        n_active = n_active if version == _version(mask) and version is not None else None
+        cached = (key, build_layout(backend, mask, tuple(block), tuple(shape), n_active))
+        _LAYOUT_CACHE[mask] = cached
+    return cached[1]
+
+
+def _block_sparse_forward(x, weight, mask, block_rows: int, block_cols: int, backend: str, for_training: bool):
+    layout = cached_layout(backend, mask, (block_rows, block_cols), tuple(weight.shape))
+    return choose_ops(backend, layout, x.shape[0], for_training, weight.element_size()).forward(x, weight, layout)
+
+
+def _block_sparse_backward(grad_out, x, weight, mask, block_rows: int, block_cols: int, backend: str, need_x, need_w):
+    layout = cached_layout(backend, mask, (block_rows, block_cols), tuple(weight.shape))
+    ops = choose_ops(backend, layout, x.shape[0], for_training=True)
+    return ops.backward(grad_out.contiguous(), x, weight, layout, need_x, need_w)
+
+
+class BlockSparseMatmul(torch.autograd.Function):
+    """X W^T at the active blocks of `mask`, in eager mode: x (T, in), weight (out, in) zero outside its active
+    blocks -> (T, out); dW is exactly zero outside the active blocks. (`block_sparse_mm` is the same product as a
+    custom op for torch.compile; in eager mode a custom op's dispatch would cost about 45 us per call.)"""
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, block_rows: int, block_cols: int, backend: str, for_training: bool):
+        ctx.save_for_backward(x, weight, mask)
+        ctx.arguments = (block_rows, block_cols, backend)
+        return _block_sparse_forward(x, weight, mask, block_rows, block_cols, backend, for_training)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, mask = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        grad_x, grad_w = ctx.ops.backward(grad_out, x, weight, ctx.layout, need_x, need_w)
-        return grad_x, grad_w, None, None
+        grad_x, grad_w = _block_sparse_backward(grad_out, x, weight, mask, *ctx.arguments, need_x, need_w)
+        return grad_x, grad_w, None, None, None, None, None
+
+
+@torch.library.custom_op("hf_sdt::block_sparse_mm", mutates_args=())
+def block_sparse_mm(
+    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, block_rows: int, block_cols: int, backend: str,
+    for_training: bool,
+) -> torch.Tensor:  # fmt: skip
+    """`BlockSparseMatmul` as a custom op (with a fake implementation and autograd), so that torch.compile keeps it
+    whole, with the mask as a tensor input; `backend` is "torch" or "triton"; `for_training` says whether a backward
+    will follow (the few-token path is inference only)."""
+    return _block_sparse_forward(x, weight, mask, block_rows, block_cols, backend, for_training)
+
+
+@block_sparse_mm.register_fake
+def _block_sparse_mm_fake(x, weight, mask, block_rows, block_cols, backend, for_training):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("hf_sdt::block_sparse_mm_backward", mutates_args=())
+def block_sparse_mm_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, block_rows: int,
+    block_cols: int, backend: str, need_x: bool, need_w: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dX, dW) of `block_sparse_mm`, dW exactly zero outside the active blocks; an unneeded one is empty."""
+    grad_x, grad_w = _block_sparse_backward(grad_out, x, weight, mask, block_rows, block_cols, backend, need_x, need_w)
+    return (grad_x if need_x else x.new_empty(0)), (grad_w if need_w else weight.new_empty(0))
+
+
+@block_sparse_mm_backward.register_fake
+def _block_sparse_mm_backward_fake(grad_out, x, weight, mask, block_rows, block_cols, backend, need_x, need_w):
+    return x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,))
+
+
+def _block_sparse_mm_setup_context(ctx, inputs, output) -> None:
+    x, weight, mask, block_rows, block_cols, backend, _ = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.arguments = (block_rows, block_cols, backend)
+
+
+def _block_sparse_mm_autograd(ctx, grad_out: torch.Tensor):
+    x, weight, mask = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    grad_x, grad_w = block_sparse_mm_backward(grad_out, x, weight, mask, *ctx.arguments, need_x, need_w)
+    return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None, None, None
+
+
+block_sparse_mm.register_autograd(_block_sparse_mm_autograd, setup_context=_block_sparse_mm_setup_context)
 
 
 def reference_linear(
@@ -266,15 +479,16 @@ def sdt_linear(
     mask: torch.Tensor,
     block: tuple[int, int],
     backend: str = "auto",
-    layout=None,
 ) -> torch.Tensor:
     """Block-sparse `F.linear`: x (..., in), weight (out, in), bool block mask -> (..., out).
 
-    `layout` is the cached `build_layout(...)` of the resolved backend; it is built here when omitted.
+    `weight` must be zero outside the active blocks (as `SDTLinear` keeps it): the blocked and Triton paths never
+    read those entries, the dense and few-token paths rely on them being zero, and `reference_linear` masks them.
+    The layout of `mask` is cached until the mask changes (see `cached_layout`).
 
     Example:
-        >>> x, w = torch.randn(5, 8), torch.randn(4, 8)
         >>> mask = torch.tensor([[True, False], [False, True]])
+        >>> x, w = torch.randn(5, 8), torch.randn(4, 8) * expand_block_mask(mask, (2, 4), (4, 8))
         >>> y = sdt_linear(x, w, None, mask, (2, 4), backend="torch")
         >>> torch.allclose(y, reference_linear(x, w, None, mask, (2, 4)), atol=1e-6)
         True
@@ -283,13 +497,13 @@ def sdt_linear(
     if backend == "reference":
         return reference_linear(x, weight, bias, mask, block)
     x, weight, bias = _autocast_operands(x, weight, bias)
-    if layout is None:
-        layout = build_layout(backend, mask, block, tuple(weight.shape))
-    if backend == "torch" and not blocked_path_pays(layout, x.numel() // x.shape[-1], block):
-        return reference_linear(x, weight, bias, mask, block)
-    ops = TritonOps if backend == "triton" else BlockedTorchOps
+    for_training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (T, in), row-major so that column slices are BLAS operands
-    out = BlockSparseLinearFunction.apply(x2d, weight, ops, layout)  # (T, out)
+    if torch.compiler.is_compiling():
+        product = block_sparse_mm
+    else:  # inference skips the autograd bookkeeping, about 25 us of a 100 us decoding call
+        product = BlockSparseMatmul.apply if for_training else _block_sparse_forward
+    out = product(x2d, weight, mask, block[0], block[1], backend, for_training)  # (T, out)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])

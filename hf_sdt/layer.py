@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import check_block_ids, gather_blocks, mask_of, scatter_blocks_
+from .blocks import check_block_ids, gather_blocks, mask_of, scatter_blocks_, zero_inactive_blocks_
 from .functional import (
     build_compact_layout,
-    build_layout,
+    cached_layout,
+    record_active_blocks,
     reference_linear,
     resolve_backend,
     sdt_linear,
@@ -106,9 +107,6 @@ class SDTLinear(SDTLayer):
         if tuple(mask.shape) != expected:
             raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit this layer: expected {expected}.")
         self.register_buffer("sdt_mask", mask.to(device=self.weight.device, dtype=torch.bool).clone())
-        self._layout = None
-        self._layout_key: tuple = ()  # (backend, mask, version) the cached layout was built for
-        self._known_active: tuple = ()  # ((mask, version), active block count) recorded by update_mask_
         # Set by the SDT controller around topology updates (see hf_sdt.trainer), not saved with the model:
         self.capture_dense_grad = False  # next backward also hands over the dense weight gradient
         self.track_input_norms = False  # forward accumulates squared input-feature norms (Wanda scores)
@@ -136,15 +134,8 @@ class SDTLinear(SDTLayer):
 
     def layout(self, backend: str):
         """The index structure of the current mask for `backend` ("torch" or "triton"), rebuilt only when the mask
-        changes (in place or replaced) or the backend does."""
-        if self._layout_key[:1] != (backend,) or not _same_mask_state(self._layout_key[1:], self.sdt_mask):
-            known_state, n_active = self._known_active or ((), None)
-            if not _same_mask_state(known_state, self.sdt_mask):
-                n_active = None  # changed outside update_mask_ (e.g. load_state_dict): count it again
-            shape = (self.out_features, self.in_features)
-            self._layout = build_layout(backend, self.sdt_mask, self.block_size, shape, n_active)
-            self._layout_key = (backend, self.sdt_mask, self.sdt_mask._version)
-        return self._layout
+        changes (in place or replaced) or the backend does (cached by `functional.cached_layout`)."""
+        return cached_layout(backend, self.sdt_mask, self.block_size, (self.out_features, self.in_features))
 
     @torch.no_grad()
     def update_mask_(self, mask: torch.Tensor, n_active: int) -> None:
@@ -154,16 +145,23 @@ class SDTLinear(SDTLayer):
         indices on the device without reading the mask back to the host.
         """
         self.sdt_mask.copy_(mask)
-        self._known_active = ((self.sdt_mask, self.sdt_mask._version), n_active)
+        record_active_blocks(self.sdt_mask, n_active)
         self.apply_mask_()
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
-        """Set every weight outside the active blocks to exactly zero."""
-        inactive = expand_block_mask(~self.sdt_mask, self.block_size, (self.out_features, self.in_features))
-        self.weight_out_in.masked_fill_(inactive, 0)
+        """Set every weight outside the active blocks to exactly zero (the dense and few-token products rely on it)."""
+        zero_inactive_blocks_(self.weight_out_in, self.sdt_mask, self.block_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        if (self.track_input_norms and self.training) or (self.capture_dense_grad and torch.is_grad_enabled()):
+            return self._forward_collecting_statistics(x)
+        return sdt_linear(x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self.backend)
+
+    # Eager even under torch.compile: it runs on the few steps around a topology update only and writes to the layer,
+    # which a compiled graph cannot; the regular steps stay one graph, and no step recompiles.
+    @torch.compiler.disable
+    def _forward_collecting_statistics(self, x: torch.Tensor) -> torch.Tensor:
         if self.track_input_norms and self.training:
             squares = x.detach().float().square().reshape(-1, self.in_features).sum(0)  # (in,)
             self.input_sq_norm = squares if self.input_sq_norm is None else self.input_sq_norm + squares
@@ -171,9 +169,7 @@ class SDTLinear(SDTLayer):
             return reference_linear(
                 x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self._accumulate_dense_grad
             )
-        backend = resolve_backend(self.backend, x.device, self.block_size)
-        layout = None if backend == "reference" else self.layout(backend)
-        return sdt_linear(x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, backend, layout)
+        return sdt_linear(x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self.backend)
 
     def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
         grad = grad.detach().float()
@@ -187,12 +183,6 @@ class SDTLinear(SDTLayer):
 
 def _apply_mask_after_load(module: SDTLinear, incompatible_keys) -> None:
     module.apply_mask_()
-
-
-def _same_mask_state(state: tuple, mask: torch.Tensor) -> bool:
-    """Whether `state` = (mask, version) still describes `mask`; identity, not address, so that a new tensor at
-    a reused address never matches."""
-    return bool(state) and state[0] is mask and state[1] == mask._version
 
 
 class SDTUpdateLinear(SDTLayer):

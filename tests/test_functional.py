@@ -63,11 +63,43 @@ def test_dispatch_rule_follows_density_block_side_and_work():
     assert not functional.blocked_path_pays(small_blocks, 2048, (8, 8)), "blocks below 16 run dense"
 
 
-def test_dense_fallback_gives_the_same_result():
-    x, weight = torch.randn(5, 32), torch.randn(32, 32)
-    mask = torch.tensor([[True, False], [False, True]])
-    got = sdt_linear(x, weight, None, mask, (16, 16), "torch")  # 5 tokens: far too little work, runs dense
-    torch.testing.assert_close(got, reference_linear(x, weight, None, mask, (16, 16)))
+@pytest.mark.parametrize("shape,block", SHAPES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("tokens", [1, 5, 16])
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("few_tokens_path", [True, False], ids=["few-token", "dense"])
+def test_few_token_and_dense_paths_match_reference(
+    shape, block, mask_kind, tokens, conv1d, few_tokens_path, block_mask_factory, monkeypatch
+):
+    """Few tokens: inference runs the few-token product or the dense GEMM, training the dense GEMM with dW zeroed
+    outside the blocks; the weight is zero outside its blocks, as SDTLinear keeps it, and strided like a Conv1D
+    weight's (out, in) view in the conv1d case."""
+    monkeypatch.setattr(functional, "few_tokens_pay", lambda layout, element_size: few_tokens_path)
+    generator = torch.Generator().manual_seed(tokens)
+    mask = block_mask_factory(mask_kind, shape, block)
+    weight = torch.randn(shape[::-1] if conv1d else shape, generator=generator)
+    weight = (weight.t() if conv1d else weight).mul_(expand_block_mask(mask, block, shape))  # strides kept
+    x, bias = torch.randn(2, tokens, shape[1], generator=generator), torch.randn(shape[0], generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            sdt_linear(x, weight, bias, mask, block, "torch"), reference_linear(x, weight, bias, mask, block)
+        )
+    expected = run("reference", x, weight, bias, mask, block)
+    actual = run("torch", x, weight, bias, mask, block)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert (actual[2][~expand_block_mask(mask, block, shape)] == 0).all()
+
+
+def test_dispatch_picks_the_few_token_path_for_inference_only():
+    layout = build_blocked_layout(torch.eye(24, 9, dtype=torch.bool), (64, 64), (1536, 576))
+    assert functional.choose_ops("torch", layout, 1, for_training=False) is functional.FewTokensOps
+    assert functional.choose_ops("torch", layout, 1, for_training=True) is functional.DenseTorchOps
+    assert functional.choose_ops("torch", layout, 4096, for_training=False) is functional.BlockedTorchOps
+    full = build_blocked_layout(torch.ones(24, 9, dtype=torch.bool), (64, 64), (1536, 576))
+    assert functional.choose_ops("torch", full, 1, for_training=False) is functional.DenseTorchOps
+    small = build_blocked_layout(torch.eye(3, 9, dtype=torch.bool), (64, 64), (192, 576))
+    assert functional.choose_ops("torch", small, 1, for_training=False) is functional.DenseTorchOps, "under 1 MB"
 
 
 def test_backend_resolution(monkeypatch):

@@ -189,3 +189,47 @@ def test_update_layer_with_bf16_weights_matches_reference():
         outputs.append((out, layer.sdt_updates.grad.clone()))
     for got, want in zip(*outputs, strict=True):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def compiled_run(sdt: bool) -> tuple[list[tuple], dict]:
+    """Train steps (fwd+bwd) of a tiny GPT-2 compiled with fullgraph=True, a drop/grow between them, then a
+    one-token inference call; returns (compiled, eager) pairs of outputs and gradients, and dynamo's graph counts."""
+    from sdt_helpers import tiny_gpt2
+    from torch._dynamo.utils import counters
+
+    from hf_sdt import SDTConfig, get_sdt_model, sdt_layers
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_gpt2()
+    if sdt:
+        model = get_sdt_model(model, SDTConfig(density=0.5, block_size=16, schedule="constant"))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    results = []
+    for step in range(2):
+        pair = []
+        for run in (compiled, model):  # compiled, then eager for comparison
+            model.zero_grad()
+            logits = run(ids).logits
+            logits.square().mean().backward()
+            pair.append((logits, model.transformer.h[0].mlp.c_fc.weight.grad))
+        results += list(zip(*pair, strict=True))
+        if sdt:  # what a drop/grow does to a layer between steps: a new mask, changed in place
+            for layer in sdt_layers(model).values():
+                new_mask = torch.rand(layer.sdt_mask.shape, generator=torch.Generator().manual_seed(step)) < 0.5
+                layer.update_mask_(new_mask, int(new_mask.sum()))
+    with torch.no_grad():
+        results.append((compiled(ids[:, :1]).logits, model(ids[:, :1]).logits))
+    return results, {"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values())}
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_sdt_layers_like_dense_ones():
+    """fullgraph=True compiles an SDT model as it does the dense one; drop/grow needs no recompilation; compiled
+    outputs and gradients equal eager ones (the one-token call takes the few-token path)."""
+    sdt_results, sdt_counts = compiled_run(sdt=True)
+    _, dense_counts = compiled_run(sdt=False)
+    assert sdt_counts == dense_counts and sdt_counts["breaks"] == 0, (sdt_counts, dense_counts)
+    for compiled, eager in sdt_results:
+        torch.testing.assert_close(compiled, eager)

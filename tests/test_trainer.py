@@ -118,10 +118,11 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, mode, steps, save_
     assert resumed.sdt_callback.controller.steps_done == steps
 
 
-def run_plain_loop(config: SDTConfig, steps: int, poison_step: int | None = None):
-    """A plain PyTorch loop with the controller; returns the model, controller, optimizer, per-step layer counts and
-    per-step churn."""
+def run_plain_loop(config: SDTConfig, steps: int, poison_step: int | None = None, compile_backend=None):
+    """A plain PyTorch loop with the controller (the model compiled with `compile_backend` if given); returns the
+    model, controller, optimizer, per-step layer counts and per-step churn."""
     model = get_sdt_model(tiny_gpt2(), config)
+    forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     controller = SDTController(model, config, total_steps=steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = ByteChunks()
@@ -129,7 +130,7 @@ def run_plain_loop(config: SDTConfig, steps: int, poison_step: int | None = None
     for step in range(steps):
         controller.begin_step(step)
         batch = torch.stack([data[(step * 4 + i) % len(data)]["input_ids"] for i in range(4)])
-        model(input_ids=batch, labels=batch).loss.backward()
+        forward(input_ids=batch, labels=batch).loss.backward()
         if step == poison_step:
             next(iter(sdt_layers(model).values())).weight.grad.fill_(float("nan"))
         controller.before_optimizer_step(optimizer)
@@ -309,3 +310,25 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path, mode):
         assert torch.equal(sdt_layers(trainer.model)[name].block_mask, layer.block_mask), name
     ids = data[0]["input_ids"][None]
     torch.testing.assert_close(trainer.model.eval()(ids).logits, best.eval()(ids).logits)
+
+
+@pytest.mark.slow
+def test_compiled_training_with_drop_and_grow_equals_eager_and_never_recompiles():
+    """Gradient growth: the update steps collect dense gradients eagerly (a second, cached graph variant), every
+    other step is the first variant; masks and weights equal an eager run's."""
+    from torch._dynamo.utils import counters
+
+    config = make_config(schedule="constant", density=0.5, update_interval=2, update_end=0.9, drop_fraction=0.5)
+    eager, *_, eager_churns = run_plain_loop(config, 9)
+    graphs = []
+    for steps in (9, 17):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled, *_, churns = run_plain_loop(config, steps, compile_backend="aot_eager")
+        graphs.append(counters["stats"]["unique_graphs"])
+        if steps == 9:
+            assert churns == eager_churns and max(churns) > 0
+            for name, layer in sdt_layers(eager).items():
+                assert torch.equal(sdt_layers(compiled)[name].sdt_mask, layer.sdt_mask), name
+                torch.testing.assert_close(sdt_layers(compiled)[name].weight, layer.weight)
+    assert graphs[0] == graphs[1], f"more update steps compiled more graphs: {graphs}"
