@@ -277,16 +277,21 @@ _LAYOUT_CACHE = WeakIdKeyDictionary()  # mask -> ((backend, block, shape, versio
 _ACTIVE_COUNTS = WeakIdKeyDictionary()  # mask -> (version, number of active blocks)
 
 
-def _version(tensor: torch.Tensor) -> int | None:
-    """The in-place version counter of `tensor`; None for an inference tensor, which has none (one made under
-    `torch.inference_mode()`, e.g. a model loaded there)."""
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter of `tensor`, which cached structures are keyed on; None for an inference tensor,
+    which has none (one made under `torch.inference_mode()`, e.g. by loading a model there).
+
+    Example:
+        >>> tensor_version(torch.zeros(2)), tensor_version(torch.zeros(2).add_(1))
+        (0, 1)
+    """
     return None if tensor.is_inference() else tensor._version
 
 
 def record_active_blocks(mask: torch.Tensor, n_active: int) -> None:
     """Tell the layout cache how many blocks `mask` has active at its current version: the Triton layout is then
     rebuilt on the device without reading the mask back to the host."""
-    _ACTIVE_COUNTS[mask] = (_version(mask), n_active)
+    _ACTIVE_COUNTS[mask] = (tensor_version(mask), n_active)
 
 
 def cached_layout(backend: str, mask: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]):
@@ -298,11 +303,11 @@ def cached_layout(backend: str, mask: torch.Tensor, block: tuple[int, int], shap
         >>> cached_layout("torch", mask, (2, 2), (2, 4)) is cached_layout("torch", mask, (2, 2), (2, 4))
         True
     """
-    key = (backend, tuple(block), tuple(shape), _version(mask))
+    key = (backend, tuple(block), tuple(shape), tensor_version(mask))
     cached = _LAYOUT_CACHE.get(mask)
     if cached is None or cached[0] != key:
         version, n_active = _ACTIVE_COUNTS.get(mask, (None, None))
-        n_active = n_active if version == _version(mask) and version is not None else None
+        n_active = n_active if version == tensor_version(mask) and version is not None else None
         cached = (key, build_layout(backend, mask, tuple(block), tuple(shape), n_active))
         _LAYOUT_CACHE[mask] = cached
     return cached[1]

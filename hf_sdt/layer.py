@@ -18,6 +18,7 @@ from .functional import (
     resolve_backend,
     sdt_linear,
     sparse_update_linear,
+    tensor_version,
 )
 from .masks import block_grid, expand_block_mask, masked_fraction
 
@@ -240,7 +241,7 @@ class SDTUpdateLinear(SDTLayer):
         return (2 + self.density) / 3  # forward and dX are dense, the weight gradient covers the active blocks
 
     def _versions(self) -> tuple:
-        return tuple((t, t._version) for t in (self.sdt_updates, self.sdt_block_ids, self.sdt_base))
+        return tuple((t, tensor_version(t)) for t in (self.sdt_updates, self.sdt_block_ids, self.sdt_base))
 
     def _is_current(self, state: tuple) -> bool:
         return bool(state) and all(
@@ -263,9 +264,9 @@ class SDTUpdateLinear(SDTLayer):
     def layout(self, backend: str):
         """The compact-gradient index structure of the current blocks for `backend`, rebuilt when they change."""
         ids = self.sdt_block_ids
-        if self._layout_key != (backend, ids, ids._version):
+        if self._layout_key != (backend, ids, tensor_version(ids)):
             self._layout = build_compact_layout(backend, ids, self.block_size, (self.out_features, self.in_features))
-            self._layout_key = (backend, ids, ids._version)
+            self._layout_key = (backend, ids, tensor_version(ids))
         return self._layout
 
     @torch.no_grad()

@@ -242,3 +242,19 @@ def test_truncated_checkpoint_names_the_file(tmp_path, packed):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(ValueError, match=f"{path}.*corrupt or incomplete"):
         hub.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["weights", "updates"])
+def test_a_model_loaded_under_inference_mode_generates(tmp_path, mode):
+    """Serving code loads and runs under torch.inference_mode(), whose tensors have no version counter (which the
+    layout caches are keyed on): prompt and one-token calls must run and equal a normal load's."""
+    if mode == "updates":
+        odd_gpt2().save_pretrained(tmp_path / "base")
+        model = trained_adapter_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
+    else:
+        model = odd_sdt_model()
+    hub.save_pretrained(model, tmp_path / "sdt")
+    with torch.inference_mode():
+        loaded = hub.from_pretrained(str(tmp_path / "sdt")).eval()
+        for ids in (IDS, IDS[:, :1]):
+            torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
