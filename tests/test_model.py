@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -260,6 +261,11 @@ def test_all_linear_on_a_peft_model_skips_the_adapters_and_the_output_layer():
     assert model.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.grad is not None
 
 
-def test_a_density_that_blocks_cannot_reach_is_warned_about():
+def test_a_density_that_blocks_cannot_reach_is_warned_about_once():
+    config = SDTConfig(density=0.1, block_size=32, schedule="constant")
     with pytest.warns(UserWarning, match=r"density 0.1 becomes 0.1250 with blocks of \(32, 32\)"):
-        get_sdt_model(build("gpt2"), SDTConfig(density=0.1, block_size=32, schedule="constant"))
+        model = get_sdt_model(build("gpt2"), config)
+    masks = {name: layer.sdt_mask for name, layer in sdt_layers(model).items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading the converted model (its masks given) does not warn again
+        get_sdt_model(build("gpt2"), config, masks=masks)
