@@ -117,10 +117,7 @@ def load_checkpoint_(model: nn.Module, folder: str) -> None:
     if SDTConfig.from_dict(model.config.sdt_config).mode == "updates":
         from_pretrained(folder, base_model=model)
         return
-    state: dict[str, torch.Tensor] = {}
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            state.update(_read_safetensors(os.path.join(folder, name))[0])
+    state = _saved_tensors(folder)
     expected = model.state_dict()
     missing = set(expected) - set(state) - _tied_keys(model)
     wrong = [key for key in state if key not in expected or expected[key].shape != state[key].shape]
@@ -299,13 +296,14 @@ def _model_class(architectures: list[str] | None, model_class):
     )
 
 
-def _saved_tensors(folder: str, suffix: str) -> dict[str, torch.Tensor]:
-    """Tensors whose names end with `suffix` in a folder's safetensors files (single or sharded)."""
-    files = [name for name in os.listdir(folder) if name.endswith(".safetensors")]
+def _saved_tensors(folder: str, suffix: str = "") -> dict[str, torch.Tensor]:
+    """Tensors whose names end with `suffix` (all by default) in a folder's safetensors files (single or sharded,
+    `sdt_masks.safetensors` included), by name without the suffix."""
+    files = sorted(name for name in os.listdir(folder) if name.endswith(".safetensors"))
     found = {}
     for name in files:
         tensors, _ = _read_safetensors(os.path.join(folder, name), suffix)
-        found.update({key[: -len(suffix)]: value for key, value in tensors.items()})
+        found.update({key[: len(key) - len(suffix)]: value for key, value in tensors.items()})
     return found
 
 
