@@ -270,10 +270,10 @@ def choose_ops(backend: str, layout, tokens: int, for_training: bool, element_si
     return BlockedTorchOps if blocked_path_pays(layout, tokens, layout.block) else DenseTorchOps
 
 
-# Layouts are cached per mask tensor (by identity, with its version counter), not by the layer: the products are
-# custom ops, which take tensors only, so that torch.compile traces an SDT layer as one opaque node whose mask is an
-# input (a drop/grow step changes the mask's values, not the graph).
-_LAYOUT_CACHE = WeakIdKeyDictionary()  # mask -> ((backend, block, shape, version), layout)
+# Layouts are cached per index tensor (the block mask, or updates mode's block ids; by identity, with its version
+# counter), not by the layer: the products are custom ops, which take tensors only, so that torch.compile traces an
+# SDT layer as one opaque node whose mask is an input (a drop/grow step changes the mask's values, not the graph).
+_LAYOUT_CACHE = WeakIdKeyDictionary()  # index tensor -> ((kind, backend, block, shape, version), layout)
 _ACTIVE_COUNTS = WeakIdKeyDictionary()  # mask -> (version, number of active blocks)
 
 
@@ -294,6 +294,16 @@ def record_active_blocks(mask: torch.Tensor, n_active: int) -> None:
     _ACTIVE_COUNTS[mask] = (tensor_version(mask), n_active)
 
 
+def _cached(index: torch.Tensor, key: tuple, build):
+    """`build()`, cached for `index` until `key` or the tensor's version changes."""
+    key = (*key, tensor_version(index))
+    cached = _LAYOUT_CACHE.get(index)
+    if cached is None or cached[0] != key:
+        cached = (key, build())
+        _LAYOUT_CACHE[index] = cached
+    return cached[1]
+
+
 def cached_layout(backend: str, mask: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]):
     """`build_layout(...)` of `mask`, rebuilt only when the mask changes (in place, or a new tensor) or the backend
     does.
@@ -303,14 +313,19 @@ def cached_layout(backend: str, mask: torch.Tensor, block: tuple[int, int], shap
         >>> cached_layout("torch", mask, (2, 2), (2, 4)) is cached_layout("torch", mask, (2, 2), (2, 4))
         True
     """
-    key = (backend, tuple(block), tuple(shape), tensor_version(mask))
-    cached = _LAYOUT_CACHE.get(mask)
-    if cached is None or cached[0] != key:
+
+    def build():
         version, n_active = _ACTIVE_COUNTS.get(mask, (None, None))
-        n_active = n_active if version == tensor_version(mask) and version is not None else None
-        cached = (key, build_layout(backend, mask, tuple(block), tuple(shape), n_active))
-        _LAYOUT_CACHE[mask] = cached
-    return cached[1]
+        n_active = n_active if version is not None and version == tensor_version(mask) else None
+        return build_layout(backend, mask, tuple(block), tuple(shape), n_active)
+
+    return _cached(mask, ("blocked", backend, tuple(block), tuple(shape)), build)
+
+
+def cached_compact_layout(backend: str, block_ids: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]):
+    """`build_compact_layout(...)` of `block_ids`, rebuilt only when the ids change or the backend does."""
+    key = ("compact", backend, tuple(block), tuple(shape))
+    return _cached(block_ids, key, lambda: build_compact_layout(backend, block_ids, tuple(block), tuple(shape)))
 
 
 def _block_sparse_forward(x, weight, mask, block_rows: int, block_cols: int, backend: str, for_training: bool):

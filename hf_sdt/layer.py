@@ -11,7 +11,7 @@ from torch import nn
 
 from .blocks import check_block_ids, gather_blocks, mask_of, scatter_blocks_, zero_inactive_blocks_
 from .functional import (
-    build_compact_layout,
+    cached_compact_layout,
     cached_layout,
     record_active_blocks,
     reference_linear,
@@ -227,8 +227,6 @@ class SDTUpdateLinear(SDTLayer):
         self.sdt_updates = nn.Parameter(torch.zeros(block_ids.numel(), *block_size, device=device))
         self._materialized: tuple = ()  # the state versions `weight` was last rewritten for
         self._stale = True  # a training-mode forward ran since: an optimizer may have changed the updates
-        self._layout = None
-        self._layout_key: tuple = ()
         # A state dict (a checkpoint, save_pretrained) must hold the effective weight even right after an update.
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync_weight_())
 
@@ -263,11 +261,8 @@ class SDTUpdateLinear(SDTLayer):
 
     def layout(self, backend: str):
         """The compact-gradient index structure of the current blocks for `backend`, rebuilt when they change."""
-        ids = self.sdt_block_ids
-        if self._layout_key != (backend, ids, tensor_version(ids)):
-            self._layout = build_compact_layout(backend, ids, self.block_size, (self.out_features, self.in_features))
-            self._layout_key = (backend, ids, tensor_version(ids))
-        return self._layout
+        shape = (self.out_features, self.in_features)
+        return cached_compact_layout(backend, self.sdt_block_ids, self.block_size, shape)
 
     @torch.no_grad()
     def move_blocks_(self, slots: torch.Tensor, new_block_ids: torch.Tensor) -> None:
