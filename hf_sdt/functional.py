@@ -346,16 +346,28 @@ class BlockSparseMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, mask, block_rows: int, block_cols: int, backend: str, for_training: bool):
-        ctx.save_for_backward(x, weight, mask)
-        ctx.arguments = (block_rows, block_cols, backend)
-        return _block_sparse_forward(x, weight, mask, block_rows, block_cols, backend, for_training)
+        inputs = (x, weight, mask, block_rows, block_cols, backend, for_training)
+        _save_for_block_sparse_backward(ctx, inputs, None)
+        return _block_sparse_forward(*inputs)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight, mask = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[:2]
-        grad_x, grad_w = _block_sparse_backward(grad_out, x, weight, mask, *ctx.arguments, need_x, need_w)
-        return grad_x, grad_w, None, None, None, None, None
+        return _block_sparse_input_grads(ctx, grad_out, _block_sparse_backward)
+
+
+def _save_for_block_sparse_backward(ctx, inputs, output) -> None:
+    x, weight, mask, block_rows, block_cols, backend, _ = inputs
+    ctx.save_for_backward(x, weight, mask)
+    ctx.arguments = (block_rows, block_cols, backend)
+
+
+def _block_sparse_input_grads(ctx, grad_out: torch.Tensor, backward) -> tuple:
+    """The gradients of (x, weight, mask, block_rows, block_cols, backend, for_training), by `backward` (the
+    implementation, or its custom op under torch.compile)."""
+    x, weight, mask = ctx.saved_tensors
+    need_x, need_w = ctx.needs_input_grad[:2]
+    grad_x, grad_w = backward(grad_out, x, weight, mask, *ctx.arguments, need_x, need_w)
+    return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None, None, None
 
 
 @torch.library.custom_op("hf_sdt::block_sparse_mm", mutates_args=())
@@ -389,20 +401,10 @@ def _block_sparse_mm_backward_fake(grad_out, x, weight, mask, block_rows, block_
     return x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,))
 
 
-def _block_sparse_mm_setup_context(ctx, inputs, output) -> None:
-    x, weight, mask, block_rows, block_cols, backend, _ = inputs
-    ctx.save_for_backward(x, weight, mask)
-    ctx.arguments = (block_rows, block_cols, backend)
-
-
-def _block_sparse_mm_autograd(ctx, grad_out: torch.Tensor):
-    x, weight, mask = ctx.saved_tensors
-    need_x, need_w = ctx.needs_input_grad[:2]
-    grad_x, grad_w = block_sparse_mm_backward(grad_out, x, weight, mask, *ctx.arguments, need_x, need_w)
-    return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None, None, None
-
-
-block_sparse_mm.register_autograd(_block_sparse_mm_autograd, setup_context=_block_sparse_mm_setup_context)
+block_sparse_mm.register_autograd(
+    lambda ctx, grad_out: _block_sparse_input_grads(ctx, grad_out, block_sparse_mm_backward),
+    setup_context=_save_for_block_sparse_backward,
+)
 
 
 def reference_linear(
