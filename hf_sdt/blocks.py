@@ -62,6 +62,19 @@ def element_positions(block_ids: torch.Tensor, block: tuple[int, int], shape: tu
     return rows[:, :, None].expand_as(inside), cols[:, None, :].expand_as(inside), inside
 
 
+def _window_positions(block_ids, block, shape, offset, window_shape):
+    """For a window of a (out, in) matrix of `shape` (a shard: `window_shape` at `offset`): the window rows and
+    columns of the slot elements it holds, and which slot elements those are, (n, rows, cols) bool."""
+    rows, cols, inside = element_positions(block_ids, block, shape)
+    rows, cols = rows - offset[0], cols - offset[1]
+    held = inside & (rows >= 0) & (rows < window_shape[0]) & (cols >= 0) & (cols < window_shape[1])
+    return rows[held], cols[held], held
+
+
+def _is_window(matrix: torch.Tensor, shape, offset) -> bool:
+    return any(offset) or (shape is not None and tuple(shape) != tuple(matrix.shape))
+
+
 def _blocked_view(matrix: torch.Tensor, block_ids: torch.Tensor, block: tuple[int, int]):
     """When the block tiles the matrix exactly: a (block-rows, rows, block-cols, cols) view of it (a strided view
     too) and the slots' block coordinates, so that `view[r, :, c, :]` indexes whole blocks with n-long indices
@@ -72,14 +85,24 @@ def _blocked_view(matrix: torch.Tensor, block_ids: torch.Tensor, block: tuple[in
     return matrix.view(grid[0], block[0], grid[1], block[1]), block_ids // grid[1], block_ids % grid[1]
 
 
-def gather_blocks(matrix: torch.Tensor, block_ids: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def gather_blocks(
+    matrix: torch.Tensor, block_ids: torch.Tensor, block: tuple[int, int], shape=None, offset=(0, 0)
+) -> torch.Tensor:
     """The blocks `block_ids` of a (out, in) matrix (any strides) as a (n, rows, cols) tensor; padding is zero.
+
+    With `shape` and `offset`, `matrix` is a window (an FSDP2 shard) of a `shape` matrix at `offset`: the values it
+    holds, zero elsewhere (summed over the shards, they give the blocks).
 
     Example:
         >>> gather_blocks(torch.arange(6.0).view(2, 3), torch.tensor([1]), (2, 2))
         tensor([[[2., 0.],
                  [5., 0.]]])
     """
+    if _is_window(matrix, shape, offset):
+        rows, cols, held = _window_positions(block_ids, block, tuple(shape), offset, tuple(matrix.shape))
+        values = matrix.new_zeros(block_ids.numel(), *block)  # (n, rows, cols)
+        values[held] = matrix[rows, cols]
+        return values
     blocked = _blocked_view(matrix, block_ids, block)
     if blocked is not None:
         view, block_rows, block_cols = blocked
@@ -90,9 +113,13 @@ def gather_blocks(matrix: torch.Tensor, block_ids: torch.Tensor, block: tuple[in
 
 
 @torch.no_grad()
-def scatter_blocks_(matrix: torch.Tensor, values: torch.Tensor, block_ids: torch.Tensor, block: tuple[int, int]):
+def scatter_blocks_(
+    matrix: torch.Tensor, values: torch.Tensor, block_ids: torch.Tensor, block: tuple[int, int], shape=None,
+    offset=(0, 0),
+):  # fmt: skip
     """Write the (n, rows, cols) `values` into the blocks `block_ids` of a (out, in) matrix in place (a strided view
-    writes through to its storage); the padding of edge slots is not written.
+    writes through to its storage); the padding of edge slots is not written. With `shape` and `offset`, `matrix`
+    is a window (an FSDP2 shard) of a `shape` matrix at `offset`, which takes the values that fall inside it.
 
     No host synchronisation: padded positions are clamped onto the block's last row or column and write that
     position's own value again, so duplicate indices always carry equal values.
@@ -104,6 +131,10 @@ def scatter_blocks_(matrix: torch.Tensor, values: torch.Tensor, block_ids: torch
         tensor([[0., 0., 1.],
                 [0., 0., 1.]])
     """
+    if _is_window(matrix, shape, offset):
+        rows, cols, held = _window_positions(block_ids, block, tuple(shape), offset, tuple(matrix.shape))
+        matrix[rows, cols] = values[held].to(matrix.dtype)
+        return
     blocked = _blocked_view(matrix, block_ids, block)
     if blocked is not None:
         view, block_rows, block_cols = blocked
@@ -117,10 +148,13 @@ def scatter_blocks_(matrix: torch.Tensor, values: torch.Tensor, block_ids: torch
 
 
 @torch.no_grad()
-def zero_inactive_blocks_(matrix: torch.Tensor, block_mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def zero_inactive_blocks_(
+    matrix: torch.Tensor, block_mask: torch.Tensor, block: tuple[int, int], offset=(0, 0)
+) -> torch.Tensor:
     """Set every element of a (out, in) matrix (any strides) outside the active blocks of `block_mask` to exactly
     zero, in place, and return it. The mask is broadcast over block views of the whole blocks and of the partial
-    edge strips: no element-sized mask is formed.
+    edge strips: no element-sized mask is formed. A window (an FSDP2 shard) of the matrix at `offset` takes the part
+    of the mask it covers; only a window that starts inside a block needs an element mask.
 
     Example:
         >>> zero_inactive_blocks_(torch.ones(3, 3), torch.tensor([[True, False], [False, True]]), (2, 2))
@@ -128,7 +162,13 @@ def zero_inactive_blocks_(matrix: torch.Tensor, block_mask: torch.Tensor, block:
                 [1., 1., 0.],
                 [0., 0., 1.]])
     """
-    inactive = ~block_mask
+    if offset[0] % block[0] or offset[1] % block[1]:
+        rows = (offset[0] + torch.arange(matrix.shape[0], device=block_mask.device)) // block[0]
+        cols = (offset[1] + torch.arange(matrix.shape[1], device=block_mask.device)) // block[1]
+        return matrix.masked_fill_(~block_mask[rows[:, None], cols[None, :]], 0)
+    first_row, first_col = offset[0] // block[0], offset[1] // block[1]
+    grid = block_grid(tuple(matrix.shape), block)  # of the window, which starts on a block boundary
+    inactive = ~block_mask[first_row : first_row + grid[0], first_col : first_col + grid[1]]
     whole_rows, whole_cols = matrix.shape[0] // block[0], matrix.shape[1] // block[1]
     top, left = whole_rows * block[0], whole_cols * block[1]
     extra_rows, extra_cols = matrix.shape[0] - top, matrix.shape[1] - left

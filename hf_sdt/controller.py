@@ -25,12 +25,8 @@ from .layer import SDTLinear, SDTUpdateLinear
 from .masks import block_element_counts, block_norms, topk_block_mask
 from .model import sdt_layers, weighted_mean
 from .schedule import density_at, drop_fraction_at, is_update_step, target_block_counts
+from .sharding import full_tensor, is_sharded, sum_over_shards, zero_at_
 from .topology import block_abs_sums, drop_and_grow, global_block_counts, keep_top, prune_scores, reassign_slots
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a sharded (FSDP2 DTensor) one, the tensor itself otherwise."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def _distributed() -> bool:
@@ -54,6 +50,18 @@ def _rank_zero_decision(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _saved_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """A per-process accumulator as a checkpoint holds it: its sum over the processes (a collective), on the host."""
+    return _summed_over_ranks(tensor).cpu()
+
+
+def _restored_share(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A `_saved_sum` as this process's share of it: all of it on rank 0, zeros elsewhere, so that the next sum over
+    the processes is the saved one plus what they accumulate after resuming."""
+    tensor = tensor.to(device)
+    return torch.zeros_like(tensor) if _distributed() and dist.get_rank() != 0 else tensor
+
+
 def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, parameter: nn.Parameter, where) -> None:
     """Zero, at `where` (a bool mask or an index of `parameter`), the pending gradient (computed under the old
     topology) and every per-parameter optimizer state shaped like the parameter (AdamW moments, momentum buffers):
@@ -69,7 +77,7 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, parameter: nn
     state = optimizer.state.get(parameter, {}) if optimizer is not None else {}
     for value in (parameter.grad, *state.values()):
         if isinstance(value, torch.Tensor) and value.shape == parameter.shape:
-            value[where.to(value.device)] = 0
+            zero_at_(value, where)  # the local shard of each, under FSDP2
 
 
 class SDTController:
@@ -99,6 +107,7 @@ class SDTController:
     """
 
     layer_class: type = nn.Module
+    topology_name = ""  # the layer buffer that holds the topology
 
     def __new__(cls, model: nn.Module, config: SDTConfig, total_steps: int):
         if cls is SDTController:
@@ -115,6 +124,7 @@ class SDTController:
                 f"SDTConfig.mode={config.mode!r} needs {self.layer_class.__name__} layers, but {wrong[0]!r} is a "
                 f"{type(self.layers[wrong[0]]).__name__}: the model was converted in the other mode."
             )
+        self._check_same_topology_on_every_rank()
         self.config = config
         self.total_steps = max(1, total_steps)
         self.step = 0
@@ -158,7 +168,8 @@ class SDTController:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly; the topology itself lives in the model's state dict."""
+        """Everything needed to resume exactly; the topology itself lives in the model's state dict. In a
+        distributed run, call it on every process (it sums their statistics) and save rank 0's."""
         return {
             "step": self.step,
             "generator": self.generator.get_state(),
@@ -192,6 +203,22 @@ class SDTController:
         if unknown:
             raise ValueError(f"The SDT state names layers this model does not have: {sorted(unknown)[:5]}.")
 
+    def _check_same_topology_on_every_rank(self) -> None:
+        """Refuse to start a distributed run whose processes hold different topologies (DDP broadcasts buffers when
+        it wraps the model, FSDP2 does not): every later decision is rank 0's, and would not fit the others."""
+        if not _distributed():
+            return
+        differs = torch.zeros(1, device=next(iter(self.layers.values())).weight.device)
+        for layer in self.layers.values():
+            topology = getattr(layer, self.topology_name)
+            differs += not torch.equal(_rank_zero_decision(topology.to(torch.int64)), topology.to(torch.int64))
+        if int(_summed_over_ranks(differs)):
+            raise RuntimeError(
+                "SDT: the processes hold different block masks or block ids. Create and convert the model the same "
+                "way on every process (same weights, same SDTConfig.seed), e.g. call transformers.set_seed before "
+                "building a model from scratch."
+            )
+
     def _count_update_time(self, start: float, updating: bool) -> None:
         seconds = time.perf_counter() - start
         self.total_update_seconds += seconds
@@ -220,6 +247,7 @@ class WeightsController(SDTController):
     lowest-scoring active blocks and grows the most promising ones (RigL); inactive weights stay exactly zero."""
 
     layer_class = SDTLinear
+    topology_name = "sdt_mask"
 
     def __init__(self, model: nn.Module, config: SDTConfig, total_steps: int):
         super().__init__(model, config, total_steps)
@@ -277,7 +305,7 @@ class WeightsController(SDTController):
             **super().state_dict(),
             "taylor": {name: value.cpu() for name, value in self.taylor.items()},
             "input_sq_norm": {
-                name: layer.input_sq_norm.cpu()
+                name: _saved_sum(layer.input_sq_norm)
                 for name, layer in self.layers.items()
                 if layer.input_sq_norm is not None
             },
@@ -288,7 +316,7 @@ class WeightsController(SDTController):
         super().load_state_dict(state)
         self.taylor = {name: value.to(self.layers[name].weight.device) for name, value in state["taylor"].items()}
         for name, value in state["input_sq_norm"].items():
-            self.layers[name].input_sq_norm = value.to(self.layers[name].weight.device)
+            self.layers[name].input_sq_norm = _restored_share(value, self.layers[name].weight.device)
 
     # -- internals ----------------------------------------------------------------------------------------------
 
@@ -321,11 +349,10 @@ class WeightsController(SDTController):
         for name, layer in self.layers.items():
             if layer.weight.grad is None:
                 continue
-            grad = _full(layer.weight.grad)
-            weight = _full(layer.weight)
-            if layer.is_conv1d:
-                grad, weight = grad.t(), weight.t()
-            sums = block_abs_sums(weight * grad, layer.block_size)
+            # Under FSDP2 each process sums its shard; the block sums, not the weights, go over the network.
+            (weight, offset), (grad, _) = layer.local_out_in(layer.weight), layer.local_out_in(layer.weight.grad)
+            shape = (layer.out_features, layer.in_features)
+            sums = sum_over_shards(block_abs_sums(weight * grad, layer.block_size, shape, offset), layer.weight)
             self.taylor[name] = sums if name not in self.taylor else self.taylor[name] + sums
 
     def _step_prune_scores(self) -> dict[str, torch.Tensor]:
@@ -339,7 +366,7 @@ class WeightsController(SDTController):
         input_sq_norm = None if layer.input_sq_norm is None else _summed_over_ranks(layer.input_sq_norm)
         return prune_scores(
             self.config.prune_criterion,
-            _full(layer.weight_out_in),
+            full_tensor(layer.weight_out_in),
             layer.block_size,
             taylor=self.taylor.get(name),
             input_sq_norm=input_sq_norm,
@@ -353,7 +380,7 @@ class WeightsController(SDTController):
                 "Gradient growth found no dense gradient: the step's forward must run after begin_step(step) and "
                 "with gradients enabled."
             )
-        return prune_scores("magnitude", _summed_over_ranks(_full(layer.dense_grad)), layer.block_size)
+        return prune_scores("magnitude", _summed_over_ranks(layer.dense_grad), layer.block_size)
 
     def _change_topology(self, optimizer, counts: list[int], prune: bool, drop_grow: bool) -> None:
         fraction = drop_fraction_at(self.step, self.total_steps, self.config)
@@ -404,6 +431,7 @@ class UpdatesController(SDTController):
     """
 
     layer_class = SDTUpdateLinear
+    topology_name = "sdt_block_ids"
 
     def __init__(self, model: nn.Module, config: SDTConfig, total_steps: int):
         super().__init__(model, config, total_steps)
@@ -450,7 +478,14 @@ class UpdatesController(SDTController):
             self._count_update_time(start, updating=True)
         self.total_seconds += time.perf_counter() - start
 
+    @torch.no_grad()
     def after_optimizer_step(self) -> None:
+        """Under FSDP2, write the stepped updates into the frozen weights' shards (the weights a sharded layer
+        gathers for its forward and again for its backward); otherwise each forward does it. Count this step's
+        FLOPs."""
+        for layer in self.layers.values():
+            if is_sharded(layer.weight):
+                layer.materialize_()
         super().after_optimizer_step()
         self.capturing = False
 
@@ -461,13 +496,14 @@ class UpdatesController(SDTController):
         self._hooks = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "grad_energy": {name: v.cpu() for name, v in self.grad_energy.items()}}
+        return {**super().state_dict(), "grad_energy": {name: _saved_sum(v) for name, v in self.grad_energy.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_layer_names(state["grad_energy"])
         super().load_state_dict(state)
         self.grad_energy = {
-            name: value.to(self.layers[name].weight.device) for name, value in state["grad_energy"].items()
+            name: _restored_share(value, self.layers[name].weight.device)
+            for name, value in state["grad_energy"].items()
         }
 
     # -- internals ----------------------------------------------------------------------------------------------
@@ -499,7 +535,9 @@ class UpdatesController(SDTController):
             )
             self._warned_unused = True
         energies = {name: _summed_over_ranks(energy) for name, energy in self.grad_energy.items()}
-        update_norms = {name: self.layers[name].sdt_updates.detach().flatten(1).norm(dim=1) for name in energies}
+        update_norms = {
+            name: full_tensor(self.layers[name].sdt_updates.detach()).flatten(1).norm(dim=1) for name in energies
+        }
         if not self._all_finite({name: [energies[name], update_norms[name]] for name in energies}):
             self.grad_energy.clear()
             return

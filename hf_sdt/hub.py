@@ -20,6 +20,7 @@ import tempfile
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from safetensors import safe_open
@@ -32,6 +33,7 @@ from .config import SDTConfig
 from .layer import SDTUpdateLinear
 from .masks import block_grid
 from .model import find_target_modules, get_sdt_model, sdt_layers, sparsity_summary
+from .sharding import any_sharded, full_state_dict, local_window, shard_like
 
 # Never `adapter_config.json`: transformers would then try to load a PEFT adapter.
 ADAPTER_CONFIG_NAME = "sdt_adapter_config.json"
@@ -66,6 +68,9 @@ def save_pretrained(
     `kwargs`, e.g. `state_dict`, go to `model.save_pretrained`) or `packed`, where the targeted weights take about
     `density` of their dense bytes and only `hf_sdt.from_pretrained` can read them.
 
+    Under FSDP2, call it on every process: the shards are gathered (`state_dict` defaults to the gathered
+    `model.state_dict()`) and rank 0 writes (or the processes given `is_main_process=True`).
+
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
         >>> from hf_sdt import SDTConfig, get_sdt_model
@@ -76,11 +81,16 @@ def save_pretrained(
     layers = sdt_layers(model)
     if not layers:
         raise ValueError("This model has no SDT layers; convert it with hf_sdt.get_sdt_model(model, SDTConfig(...)).")
+    state = kwargs.pop("state_dict", None)
+    state = full_state_dict(model) if state is None else state
+    kwargs.setdefault("is_main_process", not any_sharded(model) or dist.get_rank() == 0)
+    if not kwargs["is_main_process"]:
+        return
     if SDTConfig.from_dict(model.config.sdt_config).mode == "updates":
-        _save_adapter(model, str(save_directory), base_model, revision)
+        _save_adapter(model, state, str(save_directory), base_model, revision)
         return
     if not packed:
-        _save_dense(model, str(save_directory), **kwargs)
+        _save_dense(model, state, str(save_directory), **kwargs)
         return
     os.makedirs(save_directory, exist_ok=True)
     model.config.architectures = [type(model).__name__]  # as transformers' own save_pretrained records it
@@ -89,7 +99,7 @@ def save_pretrained(
         model.generation_config.save_pretrained(save_directory)
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
-    for key, value in model.state_dict().items():
+    for key, value in state.items():
         layer_name = key.rpartition(".")[0]
         if key.endswith(".weight") and layer_name in layers:
             tensors[layer_name + ACTIVE_SUFFIX] = value[layers[layer_name].storage_element_mask()].contiguous()  # (n,)
@@ -99,12 +109,11 @@ def save_pretrained(
     save_file(tensors, os.path.join(save_directory, PACKED_WEIGHTS_NAME), metadata={"format": PACKED_FORMAT})
 
 
-def _save_dense(model: nn.Module, directory: str, state_dict: dict | None = None, **kwargs) -> None:
-    state = dict(model.state_dict() if state_dict is None else state_dict)
+def _save_dense(model: nn.Module, state: dict[str, torch.Tensor], directory: str, **kwargs) -> None:
+    state = dict(state)
     masks = {key: state.pop(key).contiguous().cpu() for key in list(state) if key.endswith(MASK_SUFFIX)}
     model.save_pretrained(directory, state_dict=state, **kwargs)
-    if kwargs.get("is_main_process", True):
-        save_file(masks, os.path.join(directory, MASKS_NAME), metadata={"format": MASKS_FORMAT})
+    save_file(masks, os.path.join(directory, MASKS_NAME), metadata={"format": MASKS_FORMAT})
 
 
 def load_checkpoint_(model: nn.Module, folder: str) -> None:
@@ -126,19 +135,21 @@ def load_checkpoint_(model: nn.Module, folder: str) -> None:
             f"The checkpoint in {folder} does not fit this {type(model).__name__}: missing {sorted(missing)[:5]}, "
             f"unknown or of another shape {wrong[:5]}."
         )
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict({key: shard_like(value, expected[key]) for key, value in state.items()}, strict=False)
 
 
-def _save_adapter(model: nn.Module, directory: str, base_model: str | None, revision: str | None) -> None:
+def _save_adapter(
+    model: nn.Module, state: dict[str, torch.Tensor], directory: str, base_model: str | None, revision: str | None
+) -> None:
     os.makedirs(directory, exist_ok=True)
     sdt_config = model.config.sdt_config
     tensors = {}
-    for name, layer in sdt_layers(model).items():
-        tensors[name + UPDATES_SUFFIX] = layer.sdt_updates.detach().contiguous()  # (n, block_rows, block_cols)
-        tensors[name + BLOCK_IDS_SUFFIX] = layer.sdt_block_ids.contiguous()  # (n,)
+    for name in sdt_layers(model):
+        tensors[name + UPDATES_SUFFIX] = state[name + UPDATES_SUFFIX]  # (n, block_rows, block_cols)
+        tensors[name + BLOCK_IDS_SUFFIX] = state[name + BLOCK_IDS_SUFFIX]  # (n,)
     for module_name in sdt_config["modules_to_save"]:
-        for key, value in model.get_submodule(module_name).state_dict().items():
-            tensors[f"{module_name}.{key}"] = value.detach().contiguous()
+        tensors.update({key: value for key, value in state.items() if key.startswith(module_name + ".")})
+    tensors = {key: value.detach().contiguous() for key, value in tensors.items()}
     save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(directory, ADAPTER_WEIGHTS_NAME),
               metadata={"format": ADAPTER_FORMAT})  # fmt: skip
     description = {
@@ -261,8 +272,9 @@ def apply_adapter_(
     with torch.no_grad():
         for name, layer in sdt_layers(model).items():
             layer.move_blocks_(torch.arange(ids[name].numel(), device=layer.sdt_block_ids.device), ids[name])
-            layer.sdt_updates.copy_(tensors[name + UPDATES_SUFFIX])
-        model.load_state_dict(dense, strict=False)
+            layer.sdt_updates.copy_(shard_like(tensors[name + UPDATES_SUFFIX], layer.sdt_updates))
+            layer.materialize_()  # now: a layer sharded by FSDP2 gathers its weight from the shards again in backward
+        model.load_state_dict({key: shard_like(value, state[key]) for key, value in dense.items()}, strict=False)
 
 
 def _out_in_shape(layer: nn.Module) -> tuple[int, int]:
@@ -383,7 +395,7 @@ def _tied_keys(model: nn.Module) -> set[str]:
     """State-dict keys that share their storage with another key (tied embeddings): saved once, re-tied on load."""
     groups: dict[int, list[str]] = {}
     for key, value in model.state_dict().items():
-        groups.setdefault(value.untyped_storage().data_ptr(), []).append(key)
+        groups.setdefault(local_window(value)[0].untyped_storage().data_ptr(), []).append(key)
     return {key for keys in groups.values() if len(keys) > 1 for key in keys}
 
 

@@ -21,6 +21,7 @@ from .functional import (
     tensor_version,
 )
 from .masks import block_grid, expand_block_mask, masked_fraction
+from .sharding import full_tensor, local_window, sum_over_shards, zero_at_
 
 
 class SDTLayer(nn.Module):
@@ -46,6 +47,13 @@ class SDTLayer(nn.Module):
     def weight_out_in(self) -> torch.Tensor:
         """The weight as an (out, in) view, whatever the storage layout."""
         return self.weight.t() if self.is_conv1d else self.weight
+
+    def local_out_in(self, tensor: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The part of `tensor` (the weight, or its gradient) this process holds, as a view of the (out, in)
+        layout, and its (row, column) offset there: the whole tensor at (0, 0), or under FSDP2 (between steps)
+        the local shard, so that block edits write to every shard."""
+        local, offset = local_window(tensor)
+        return (local.t(), offset[::-1]) if self.is_conv1d else (local, offset)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -152,7 +160,8 @@ class SDTLinear(SDTLayer):
     @torch.no_grad()
     def apply_mask_(self) -> None:
         """Set every weight outside the active blocks to exactly zero (the dense and few-token products rely on it)."""
-        zero_inactive_blocks_(self.weight_out_in, self.sdt_mask, self.block_size)
+        local, offset = self.local_out_in(self.weight)
+        zero_inactive_blocks_(local, self.sdt_mask, self.block_size, offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         if (self.track_input_norms and self.training) or (self.capture_dense_grad and torch.is_grad_enabled()):
@@ -254,10 +263,15 @@ class SDTUpdateLinear(SDTLayer):
 
     @torch.no_grad()
     def materialize_(self) -> None:
-        """Write base + updates into the active blocks of `weight`."""
-        effective = self.sdt_base.float() + self.sdt_updates.detach()
-        scatter_blocks_(self.weight_out_in, effective, self.sdt_block_ids, self.block_size)
+        """Write base + updates into the active blocks of `weight` (of every shard, under FSDP2)."""
+        effective = self.sdt_base.float() + full_tensor(self.sdt_updates.detach())
+        self._write_blocks_(effective, self.sdt_block_ids)
         self._materialized = self._versions()
+
+    def _write_blocks_(self, values: torch.Tensor, block_ids: torch.Tensor) -> None:
+        local, offset = self.local_out_in(self.weight)
+        shape = (self.out_features, self.in_features)
+        scatter_blocks_(local, values, block_ids, self.block_size, shape, offset)
 
     def layout(self, backend: str):
         """The compact-gradient index structure of the current blocks for `backend`, rebuilt when they change."""
@@ -268,14 +282,16 @@ class SDTUpdateLinear(SDTLayer):
     def move_blocks_(self, slots: torch.Tensor, new_block_ids: torch.Tensor) -> None:
         """Give `slots` to the blocks `new_block_ids` (inactive until now): the old blocks return exactly to their
         pretrained values, the new ones start with a zero update. The caller resets their optimizer state."""
-        old_ids = self.sdt_block_ids[slots]
-        scatter_blocks_(self.weight_out_in, self.sdt_base[slots], old_ids, self.block_size)
+        self._write_blocks_(self.sdt_base[slots], self.sdt_block_ids[slots])
         ids = self.sdt_block_ids.clone()
         ids[slots] = new_block_ids.to(ids)
         check_block_ids(ids, self.grid)
         self.sdt_block_ids.copy_(ids)
-        self.sdt_base[slots] = gather_blocks(self.weight_out_in, new_block_ids.to(ids), self.block_size)
-        self.sdt_updates[slots] = 0
+        local, offset = self.local_out_in(self.weight)
+        shape = (self.out_features, self.in_features)
+        base = gather_blocks(local, new_block_ids.to(ids), self.block_size, shape, offset)
+        self.sdt_base[slots] = sum_over_shards(base, self.weight)
+        zero_at_(self.sdt_updates, slots)
         self.materialize_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
@@ -292,5 +308,5 @@ class SDTUpdateLinear(SDTLayer):
         weight restored (`merge=False`)."""
         self.materialize_()
         if not merge:
-            scatter_blocks_(self.weight_out_in, self.sdt_base, self.sdt_block_ids, self.block_size)
+            self._write_blocks_(self.sdt_base, self.sdt_block_ids)
         return self._base_layer_with(self.weight)

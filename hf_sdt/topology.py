@@ -37,13 +37,24 @@ def prune_scores(
     raise ValueError(f"Unknown prune criterion {criterion!r}.")
 
 
-def block_abs_sums(values: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Sum of |values| over each block of a (out, in) matrix, fp32 (the Taylor score of w * g).
+def block_abs_sums(values: torch.Tensor, block: tuple[int, int], shape=None, offset=(0, 0)) -> torch.Tensor:
+    """Sum of |values| over each block of a (out, in) matrix, fp32 (the Taylor score of w * g). With `shape` and
+    `offset`, `values` is a window (an FSDP2 shard) of a `shape` matrix at `offset`: the sums over what it holds, on
+    the whole block grid (summed over the shards, they give the whole matrix's sums).
 
     Example:
         >>> block_abs_sums(-torch.ones(2, 4), (2, 2))
         tensor([[4., 4.]])
+        >>> block_abs_sums(torch.ones(1, 3), (2, 2), shape=(2, 4), offset=(1, 1))
+        tensor([[1., 2.]])
     """
+    if shape is not None and (any(offset) or tuple(shape) != tuple(values.shape)):
+        grid = block_grid(tuple(shape), block)
+        rows = (offset[0] + torch.arange(values.shape[0], device=values.device)) // block[0]
+        cols = (offset[1] + torch.arange(values.shape[1], device=values.device)) // block[1]
+        sums = torch.zeros(grid[0] * grid[1], device=values.device)
+        ids = (rows[:, None] * grid[1] + cols[None, :]).flatten()
+        return sums.index_add_(0, ids, values.detach().float().abs().flatten()).view(grid)
     rows, cols = block_grid(tuple(values.shape), block)
     padded = torch.nn.functional.pad(
         values.detach().float().abs(), (0, cols * block[1] - values.shape[1], 0, rows * block[0] - values.shape[0])

@@ -53,10 +53,12 @@ class SDTCallback(TrainerCallback):
         self.controller.close()
 
     def on_save(self, args, state, control, **kwargs):
-        if args.should_save and self.controller is not None:
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            if os.path.isdir(folder):
-                torch.save(self.controller.state_dict(), os.path.join(folder, SDT_STATE_NAME))
+        if self.controller is None:
+            return
+        sdt_state = self.controller.state_dict()  # on every process: it sums their statistics
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            torch.save(sdt_state, os.path.join(folder, SDT_STATE_NAME))
 
 
 class SDTTrainer(Trainer):
@@ -69,6 +71,7 @@ class SDTTrainer(Trainer):
     logged with the loss, and the SDT state is saved in every checkpoint and restored by
     `train(resume_from_checkpoint=...)`.
 
+    It runs under `accelerate launch` with DDP or FSDP2 (see `recipes/accelerate/`); DeepSpeed is refused.
     Checkpoints, `save_model()` and `push_to_hub()` save with `hf_sdt.save_pretrained`: in weights mode the dense
     weights (which vanilla transformers loads) and `sdt_masks.safetensors`; in updates mode (`SDTConfig(mode=
     "updates")`) the adapter only, about `density` of the targeted weights' size, with an adapter card.
@@ -99,7 +102,8 @@ class SDTTrainer(Trainer):
         if self.is_deepspeed_enabled:
             raise NotImplementedError(
                 "SDTTrainer does not support DeepSpeed yet: DeepSpeed consumes the gradients inside backward, before "
-                "SDT's topology update can read them. Use DDP (accelerate launch --multi_gpu) or a single GPU."
+                "SDT's topology update can read them. Use FSDP2 (accelerate launch --config_file "
+                "recipes/accelerate/fsdp2.yaml), DDP (accelerate launch --multi_gpu) or a single GPU."
             )
         self.sdt_callback = SDTCallback(lambda model, steps: SDTController(model, self.sdt_config, steps))
         self.add_callback(self.sdt_callback)

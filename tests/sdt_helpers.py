@@ -68,3 +68,45 @@ def train_and_save_state(output_dir: str, batch_size: int, mode: str = "weights"
     world = dist.get_world_size() if dist.is_initialized() else 1
     state = {key: value.detach().clone() for key, value in trainer.model.state_dict().items()}
     torch.save(state, f"{output_dir}/world{world}_rank{rank}.pt")
+
+
+def controller_config(mode: str) -> SDTConfig:
+    """The 12-step runs of the distributed tests: gradient growth, Taylor pruning and a gradual schedule in weights
+    mode; gradient selection every 3 steps in updates mode."""
+    if mode == "updates":
+        return make_updates_config(update_interval=3)
+    return make_config(grow_criterion="gradient", prune_criterion="taylor", schedule_end=0.3, update_interval=3)
+
+
+def train_with_controller(mode: str, steps: int = 12):
+    """Train the tiny GPT-2 with `SDTController` in a plain AdamW loop, 8 sequences per step as 2 micro-batches of 4:
+    one per process when 2 processes run it (the model sharded by FSDP2's `fully_shard`, each block and the root),
+    both in turn in one process (the same gradients, and the same per-micro-batch block energies of updates mode).
+    Returns the model and the 2 sequences whose logits the tests compare."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_sdt import SDTController, get_sdt_model
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    config = controller_config(mode)
+    model = get_sdt_model(tiny_gpt2(), config)
+    if world > 1:
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    controller = SDTController(model, config, steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    chunks = ByteChunks(length=32).chunks  # (N, 32)
+    micro_batches = range(rank, 2, world)
+    for step in range(steps):
+        controller.begin_step(step)
+        for part in micro_batches:
+            batch = chunks[step * 8 + part * 4 : step * 8 + part * 4 + 4]  # (4, 32)
+            (model(input_ids=batch, labels=batch).loss / len(micro_batches)).backward()
+        controller.before_optimizer_step(optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.after_optimizer_step()
+    return model.eval(), chunks[-2:]
