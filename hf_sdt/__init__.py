@@ -3,7 +3,7 @@
 from .config import SDTConfig
 from .controller import SDTController, UpdatesController, WeightsController
 from .hub import from_pretrained, push_to_hub, save_pretrained, write_model_card
-from .layer import SDTLayer, SDTLinear, SDTUpdateLinear
+from .layer import SDTCompactLinear, SDTLayer, SDTLinear, SDTUpdateLinear
 from .model import (
     find_target_modules,
     get_sdt_model,
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SDTCallback",
+    "SDTCompactLinear",
     "SDTConfig",
     "SDTController",
     "SDTLayer",

@@ -16,6 +16,7 @@ PRUNE_CRITERIA = ("magnitude", "taylor", "wanda")
 GROW_CRITERIA = ("gradient", "random")
 DISTRIBUTIONS = ("uniform", "erk", "global")
 MODES = ("weights", "updates")
+STORAGES = ("auto", "compact", "dense")
 # Defaults that depend on the mode (a field left at None takes its mode's value).
 MODE_DEFAULTS = {
     "weights": {"density": 0.25, "update_interval": 100},
@@ -64,6 +65,14 @@ class SDTConfig:
             Kernel backend: `"triton"` (GPU kernels), `"torch"` (blocked PyTorch path, fast on a CPU),
             `"reference"` (masked dense matmul, the slow oracle used by tests) or `"auto"` (Triton for CUDA tensors
             when it is installed, the blocked PyTorch path otherwise).
+        storage (`str`, defaults to `"auto"`):
+            How weights mode stores a layer's weight: `"compact"` keeps only the active blocks (parameters,
+            gradients and optimizer states take `density` of the dense memory, and no masking work remains);
+            `"dense"` keeps the whole weight with zeros outside the mask; `"auto"` is compact whenever the number
+            of blocks of each layer is fixed, i.e. with `schedule="constant"` and the `uniform` or `erk`
+            distribution (a gradual schedule prunes, the `global` distribution moves blocks between layers: both
+            need dense storage). Checkpoints hold the dense weight either way. Updates mode always stores its
+            trainable updates compactly.
         seed (`int`, defaults to 0):
             Seed of every random choice SDT makes (tie-breaking in the initial mask, random growth).
         initial_density (`float`, defaults to 1.0):
@@ -144,6 +153,14 @@ class SDTConfig:
         default="auto",
         metadata={"help": f"Kernel backend, one of {BACKENDS}."},
     )
+    storage: str = field(
+        default="auto",
+        metadata={
+            "help": f"Weights-mode storage, one of {STORAGES}: 'compact' keeps only the active blocks (memory ~ "
+            "density), 'dense' the whole weight; 'auto' is compact when every layer's block count is fixed "
+            "(constant schedule, uniform or erk distribution)."
+        },
+    )
     seed: int = field(
         default=0,
         metadata={"help": "Seed of SDT's random choices (mask tie-breaking, random growth)."},
@@ -202,6 +219,16 @@ class SDTConfig:
                 setattr(self, name, value)
         self.validate()
 
+    @property
+    def fixed_block_counts(self) -> bool:
+        """Whether every layer keeps the same number of active blocks throughout training (weights mode)."""
+        return self.schedule == "constant" and self.distribution != "global"
+
+    @property
+    def compact_storage(self) -> bool:
+        """Whether weights mode stores only the active blocks (see `storage`)."""
+        return self.storage == "compact" or (self.storage == "auto" and self.fixed_block_counts)
+
     def validate(self) -> None:
         """Raise a `ValueError` that names the field when a value is out of range."""
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
@@ -223,6 +250,7 @@ class SDTConfig:
             ("prune_criterion", PRUNE_CRITERIA),
             ("grow_criterion", GROW_CRITERIA),
             ("distribution", DISTRIBUTIONS),
+            ("storage", STORAGES),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"SDTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}.")
@@ -242,6 +270,12 @@ class SDTConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SDTConfig.{name} must be a positive int, got {value!r}.")
+        if self.storage == "compact" and self.mode == "weights" and not self.fixed_block_counts:
+            raise ValueError(
+                "SDTConfig.storage='compact' keeps a fixed number of blocks per layer, but "
+                f"schedule={self.schedule!r} with distribution={self.distribution!r} changes it: use "
+                "schedule='constant' with the 'uniform' or 'erk' distribution, or storage='auto' (dense here)."
+            )
         if self.mode == "updates" and self.distribution == "global":
             raise ValueError(
                 "SDTConfig.distribution='global' moves blocks between layers, but in updates mode every layer keeps "

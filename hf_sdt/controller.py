@@ -21,11 +21,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import SDTConfig
-from .layer import SDTLinear, SDTUpdateLinear
+from .layer import SDTCompactLinear, SDTLinear, SDTUpdateLinear
 from .masks import block_element_counts, block_norms, topk_block_mask
 from .model import sdt_layers, weighted_mean
 from .schedule import density_at, drop_fraction_at, is_update_step, target_block_counts
-from .sharding import full_tensor, is_sharded, sum_over_shards, zero_at_
+from .sharding import full_tensor, is_sharded, local_window, sum_over_shards, zero_at_
 from .topology import block_abs_sums, drop_and_grow, global_block_counts, keep_top, prune_scores, reassign_slots
 
 
@@ -208,7 +208,7 @@ class SDTController:
         it wraps the model, FSDP2 does not): every later decision is rank 0's, and would not fit the others."""
         if not _distributed():
             return
-        differs = torch.zeros(1, device=next(iter(self.layers.values())).weight.device)
+        differs = torch.zeros(1, device=getattr(next(iter(self.layers.values())), self.topology_name).device)
         for layer in self.layers.values():
             topology = getattr(layer, self.topology_name)
             differs += not torch.equal(_rank_zero_decision(topology.to(torch.int64)), topology.to(torch.int64))
@@ -314,9 +314,9 @@ class WeightsController(SDTController):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_layer_names(set(state["taylor"]) | set(state["input_sq_norm"]))
         super().load_state_dict(state)
-        self.taylor = {name: value.to(self.layers[name].weight.device) for name, value in state["taylor"].items()}
+        self.taylor = {name: value.to(self.layers[name].sdt_mask.device) for name, value in state["taylor"].items()}
         for name, value in state["input_sq_norm"].items():
-            self.layers[name].input_sq_norm = _restored_share(value, self.layers[name].weight.device)
+            self.layers[name].input_sq_norm = _restored_share(value, self.layers[name].sdt_mask.device)
 
     # -- internals ----------------------------------------------------------------------------------------------
 
@@ -347,13 +347,23 @@ class WeightsController(SDTController):
 
     def _accumulate_taylor(self) -> None:
         for name, layer in self.layers.items():
-            if layer.weight.grad is None:
+            parameter = layer.weight_parameter
+            if parameter.grad is None:
                 continue
             # Under FSDP2 each process sums its shard; the block sums, not the weights, go over the network.
-            (weight, offset), (grad, _) = layer.local_out_in(layer.weight), layer.local_out_in(layer.weight.grad)
-            shape = (layer.out_features, layer.in_features)
-            sums = sum_over_shards(block_abs_sums(weight * grad, layer.block_size, shape, offset), layer.weight)
+            sums = sum_over_shards(self._local_taylor_sums(layer, parameter), parameter)
             self.taylor[name] = sums if name not in self.taylor else self.taylor[name] + sums
+
+    @staticmethod
+    def _local_taylor_sums(layer: SDTLinear, parameter: nn.Parameter) -> torch.Tensor:
+        """Sum of |w * g| per block over the part of `parameter` this process holds, on the whole block grid."""
+        if isinstance(layer, SDTCompactLinear):  # a slot per block: sum each slot, place it at its block
+            (blocks, (first, *_)), (grad, _) = local_window(parameter), local_window(parameter.grad)
+            ids = layer.sdt_block_ids[first : first + blocks.shape[0]]
+            sums = torch.zeros(layer.sdt_mask.numel(), device=ids.device)
+            return sums.index_put_((ids,), (blocks * grad).float().abs().sum((1, 2))).view(layer.sdt_mask.shape)
+        (weight, offset), (grad, _) = layer.local_out_in(parameter), layer.local_out_in(parameter.grad)
+        return block_abs_sums(weight * grad, layer.block_size, (layer.out_features, layer.in_features), offset)
 
     def _step_prune_scores(self) -> dict[str, torch.Tensor]:
         """Every layer's prune scores for this step, computed once (global counts and the update both use them;
@@ -400,11 +410,9 @@ class WeightsController(SDTController):
             if drop_grow:
                 mask, _, _ = drop_and_grow(mask, scores, grow, round(fraction * active), self.generator)
             mask = _rank_zero_decision(mask.to(torch.uint8)).bool()
-            changed = mask ^ layer.sdt_mask
             grown_total += int((mask & ~layer.sdt_mask).sum())
             self._active_counts[index] = active
-            layer.update_mask_(mask, active)
-            reset_optimizer_state(optimizer, layer.weight, layer.storage_element_mask(changed))
+            reset_optimizer_state(optimizer, *layer.update_mask_(mask, active))
         self._flops_ratio = self._linear_flops()
         if drop_grow:
             self.churn = grown_total / max(sum(self._active_counts), 1)

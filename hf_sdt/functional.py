@@ -1,7 +1,8 @@
 """Block-sparse linear products and backend dispatch.
 
-Weights mode (`sdt_linear`): three backends compute the same thing, forward Y = X (W*M)^T + b, backward
-dX = dY (W*M), dW = (dY^T X) * M, for a weight W that is zero outside its active blocks:
+Weights mode (`sdt_linear`, and `compact_linear` for a weight stored as its active blocks only): three backends
+compute the same thing, forward Y = X (W*M)^T + b, backward dX = dY (W*M), dW = (dY^T X) * M, for a weight W that
+is zero outside its active blocks:
 
 - ``reference``: the masked dense matmul, used by tests as the oracle (no saving at all);
 - ``torch``: per call, the blocked PyTorch path (work proportional to the number of active blocks), the few-token
@@ -9,7 +10,9 @@ dX = dY (W*M), dW = (dY^T X) * M, for a weight W that is zero outside its active
 - ``triton``: the GPU kernels of ``hf_sdt.kernels``.
 
 The ``torch`` and ``triton`` products run inside the custom op ``hf_sdt::block_sparse_mm`` (and its backward), so
-that torch.compile traces them as single nodes with the mask as a tensor input.
+that torch.compile traces them as single nodes with the mask as a tensor input. The same products take either
+storage of the weight: dense (out, in) with its block mask, or a compact (n, block_rows, block_cols) store with its
+block ids (see `hf_sdt.blocks`), whose gradient is compact too.
 
 Updates mode (`sparse_update_linear`): the weight W = base + U is dense and frozen, the trainable updates U live in
 a compact (n, block_rows, block_cols) store (see `hf_sdt.blocks`). Forward and dX are one dense GEMM each on W;
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .blocks import block_ids_of, element_positions, gather_blocks, zero_inactive_blocks_
+from .blocks import block_ids_of, element_positions, gather_blocks, mask_of, scatter_blocks_, zero_inactive_blocks_
 from .config import BACKENDS
 from .masks import block_grid, expand_block_mask, masked_fraction
 
@@ -69,6 +72,11 @@ class BlockedLayout:
     block: tuple[int, int]
     shape: tuple[int, int]
     density: float
+
+    @property
+    def gemm_calls(self) -> int:
+        """GEMM calls of one training step of the blocked path (forward, dX, dW)."""
+        return 2 * len(self.blocks) + len(self.col_slabs)
 
 
 def build_blocked_layout(mask: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> BlockedLayout:
@@ -129,12 +137,28 @@ def blocked_path_pays(layout: BlockedLayout, tokens: int, block: tuple[int, int]
     if layout.density >= efficiency:
         return False
     dense_macs = 3 * tokens * layout.shape[0] * layout.shape[1]  # forward, dX and dW
-    gemm_calls = 2 * len(layout.blocks) + len(layout.col_slabs)
-    return dense_macs * (1 - layout.density / efficiency) >= gemm_calls * BLOCKED_GEMM_OVERHEAD_MACS
+    return dense_macs * (1 - layout.density / efficiency) >= layout.gemm_calls * BLOCKED_GEMM_OVERHEAD_MACS
+
+
+def block_tiles(weight: torch.Tensor, layout) -> list[torch.Tensor]:
+    """The active blocks of `weight` as 2-D tiles in `layout.blocks` order, edge blocks cropped: views of a dense
+    (out, in) weight (`BlockedLayout`), or the slots of a compact (n, rows, cols) store (`CompactLayout`)."""
+    if weight.dim() == 3:
+        return [weight[slot, : r1 - r0, : c1 - c0] for slot, (r0, r1, c0, c1) in enumerate(layout.blocks)]
+    return [weight[r0:r1, c0:c1] for r0, r1, c0, c1 in layout.blocks]
+
+
+def dense_weight(weight: torch.Tensor, layout) -> torch.Tensor:
+    """The (out, in) weight: `weight` itself when dense, a compact store scattered into zeros."""
+    if weight.dim() == 2:
+        return weight
+    dense = weight.new_zeros(layout.shape)
+    scatter_blocks_(dense, weight, layout.block_ids, layout.block)
+    return dense
 
 
 class BlockedTorchOps:
-    """The blocked PyTorch products on a `BlockedLayout`.
+    """The blocked PyTorch products on a `BlockedLayout` (dense weight) or a `CompactLayout` (compact store).
 
     Y and dX accumulate one GEMM per active block on strided views of the activations, with no gather or
     transpose; dW runs one tall GEMM per block-column on gathered rows of dY^T, because a GEMM with a
@@ -142,20 +166,22 @@ class BlockedTorchOps:
     """
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
+    def forward(x: torch.Tensor, weight: torch.Tensor, layout) -> torch.Tensor:
         out = x.new_zeros(x.shape[0], layout.shape[0])  # (T, out)
-        for r0, r1, c0, c1 in layout.blocks:
-            out[:, r0:r1].addmm_(x[:, c0:c1], weight[r0:r1, c0:c1].t())
+        for (r0, r1, c0, c1), tile in zip(layout.blocks, block_tiles(weight, layout), strict=True):
+            out[:, r0:r1].addmm_(x[:, c0:c1], tile.t())
         return out
 
     @staticmethod
-    def backward(grad_out, x, weight, layout: BlockedLayout, need_x: bool, need_w: bool):
+    def backward(grad_out, x, weight, layout, need_x: bool, need_w: bool):
         grad_x = grad_w = None
         if need_x:
             grad_x = grad_out.new_zeros(grad_out.shape[0], layout.shape[1])  # (T, in)
-            for r0, r1, c0, c1 in layout.blocks:
-                grad_x[:, c0:c1].addmm_(grad_out[:, r0:r1], weight[r0:r1, c0:c1])
-        if need_w:
+            for (r0, r1, c0, c1), tile in zip(layout.blocks, block_tiles(weight, layout), strict=True):
+                grad_x[:, c0:c1].addmm_(grad_out[:, r0:r1], tile)
+        if need_w and weight.dim() == 3:
+            grad_w = compact_grad_torch(grad_out, x, layout)
+        elif need_w:
             grad_w = torch.zeros_like(weight)
             grad_out_t = grad_out.t().contiguous()  # (out, T): gathering its rows is a plain memcpy
             gathered = grad_out_t.new_empty(max((idx.numel() for *_, idx in layout.col_slabs), default=0), x.shape[0])
@@ -167,40 +193,52 @@ class BlockedTorchOps:
 
 @dataclass(frozen=True)
 class TritonLayout:
-    """Device-side block indices for the Triton kernels, and the block they tile with."""
+    """Device-side block indices for the Triton kernels, the block they tile with and the (out, in) shape."""
 
     meta: Any  # hf_sdt.kernels.block_sparse.BlockMetadata
     block: tuple[int, int]
+    shape: tuple[int, int]
 
 
 class TritonOps:
-    """The Triton kernels of `hf_sdt.kernels` on a `TritonLayout`."""
+    """The Triton kernels of `hf_sdt.kernels` on a `TritonLayout`, or on the `CompactLayout` of a compact store."""
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, layout: TritonLayout) -> torch.Tensor:
-        return _kernels().block_sparse_forward(x, weight, layout.meta, layout.block)
+    def forward(x: torch.Tensor, weight: torch.Tensor, layout) -> torch.Tensor:
+        return _kernels().block_sparse_forward(x, weight, layout.meta, layout.block, layout.shape[0])
 
     @staticmethod
-    def backward(grad_out, x, weight, layout: TritonLayout, need_x: bool, need_w: bool):
+    def backward(grad_out, x, weight, layout, need_x: bool, need_w: bool):
         kernels = _kernels()
-        grad_x = kernels.block_sparse_grad_input(grad_out, weight, layout.meta, layout.block) if need_x else None
-        grad_w = kernels.block_sparse_grad_weight(grad_out, x, weight, layout.meta, layout.block) if need_w else None
+        grad_x = None
+        if need_x:
+            grad_x = kernels.block_sparse_grad_input(grad_out, weight, layout.meta, layout.block, layout.shape[1])
+        grad_w = None
+        if need_w and weight.dim() == 3:
+            grad_w = compact_grad_triton(grad_out, x, layout)
+        elif need_w:
+            grad_w = kernels.block_sparse_grad_weight(grad_out, x, weight, layout.meta, layout.block)
         return grad_x, grad_w
 
 
 class DenseTorchOps:
     """One dense GEMM per product where the blocked path's per-GEMM overhead would not pay (few tokens, small
-    layers, high density). The weight must be zero outside its active blocks (`SDTLinear` keeps it so), which makes
-    Y and dX exact with no masking; dW is zeroed outside the active blocks on block views (no element mask)."""
+    layers, high density). A dense weight must be zero outside its active blocks (`SDTLinear` keeps it so), which
+    makes Y and dX exact with no masking; dW is zeroed outside the active blocks on block views (no element mask).
+    A compact store is scattered into a zero weight first, and its gradient gathered back into slots."""
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
-        return x @ weight.t()  # (T, out)
+    def forward(x: torch.Tensor, weight: torch.Tensor, layout) -> torch.Tensor:
+        return x @ dense_weight(weight, layout).t()  # (T, out)
 
     @staticmethod
-    def backward(grad_out, x, weight, layout: BlockedLayout, need_x: bool, need_w: bool):
-        grad_x = grad_out @ weight if need_x else None
-        grad_w = zero_inactive_blocks_(grad_out.t() @ x, layout.mask, layout.block) if need_w else None
+    def backward(grad_out, x, weight, layout, need_x: bool, need_w: bool):
+        grad_x = grad_out @ dense_weight(weight, layout) if need_x else None
+        grad_w = None
+        if need_w and weight.dim() == 3:
+            grad_w = gather_blocks(grad_out.t() @ x, layout.block_ids, layout.block)
+        elif need_w:
+            grad_w = zero_inactive_blocks_(grad_out.t() @ x, layout.mask, layout.block)
         return grad_x, grad_w
 
 
@@ -212,7 +250,7 @@ class FewTokensOps:
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
-        tokens, (block_rows, block_cols), grid = x.shape[0], layout.block, layout.mask.shape
+        tokens, (block_rows, block_cols), grid = x.shape[0], layout.block, block_grid(layout.shape, layout.block)
         blocks = FewTokensOps.active_blocks(weight, layout)  # (n, rows, cols)
         if x.shape[1] % block_cols:
             x = F.pad(x, (0, grid[1] * block_cols - x.shape[1]))  # (T, C * cols)
@@ -224,9 +262,11 @@ class FewTokensOps:
         return out[:, : layout.shape[0]]  # (T, out)
 
     @staticmethod
-    def active_blocks(weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
-        """The active blocks (n, rows, cols): one row gather of the weight's storage when the block tiles it (six
-        times faster than indexing the blocks of a 4-D view), else `gather_blocks`."""
+    def active_blocks(weight: torch.Tensor, layout) -> torch.Tensor:
+        """The active blocks (n, rows, cols): a compact store itself; one row gather of a dense weight's storage
+        when the block tiles it (six times faster than indexing the blocks of a 4-D view), else `gather_blocks`."""
+        if weight.dim() == 3:
+            return weight
         if layout.storage_rows is not None:
             (rows, cols), (out_rows, in_rows) = layout.block, layout.storage_rows
             if weight.is_contiguous():
@@ -261,11 +301,12 @@ def few_tokens_pay(layout: BlockedLayout, element_size: int) -> bool:
 
 def choose_ops(backend: str, layout, tokens: int, for_training: bool, element_size: int = 4):
     """The products of one call: Triton kernels; or on the torch backend the few-token product (inference, when
-    `few_tokens_pay`), the blocked path when it pays (`blocked_path_pays`), else one dense GEMM on the zero-filled
-    weight."""
+    `few_tokens_pay`, and always for a compact store, whose dense product would first scatter it into a whole
+    weight), the blocked path when it pays (`blocked_path_pays`), else one dense GEMM on the zero-filled weight."""
     if backend == "triton":
         return TritonOps
-    if not for_training and tokens <= FEW_TOKENS and few_tokens_pay(layout, element_size):
+    compact = isinstance(layout, CompactLayout)
+    if not for_training and tokens <= FEW_TOKENS and (compact or few_tokens_pay(layout, element_size)):
         return FewTokensOps
     return BlockedTorchOps if blocked_path_pays(layout, tokens, layout.block) else DenseTorchOps
 
@@ -328,25 +369,38 @@ def cached_compact_layout(backend: str, block_ids: torch.Tensor, block: tuple[in
     return _cached(block_ids, key, lambda: build_compact_layout(backend, block_ids, tuple(block), tuple(shape)))
 
 
-def _block_sparse_forward(x, weight, mask, block_rows: int, block_cols: int, backend: str, for_training: bool):
-    layout = cached_layout(backend, mask, (block_rows, block_cols), tuple(weight.shape))
+def _layout_of(backend: str, weight: torch.Tensor, index: torch.Tensor, block, out_features: int, in_features: int):
+    """The cached layout of a dense weight's block mask, or of a compact store's block ids."""
+    shape = (out_features, in_features)
+    if weight.dim() == 3:
+        return cached_compact_layout(backend, index, block, shape)
+    return cached_layout(backend, index, block, shape)
+
+
+def _block_sparse_forward(x, weight, index, block_rows: int, block_cols: int, out_features: int, backend: str,
+                          for_training: bool):  # fmt: skip
+    layout = _layout_of(backend, weight, index, (block_rows, block_cols), out_features, x.shape[1])
     return choose_ops(backend, layout, x.shape[0], for_training, weight.element_size()).forward(x, weight, layout)
 
 
-def _block_sparse_backward(grad_out, x, weight, mask, block_rows: int, block_cols: int, backend: str, need_x, need_w):
-    layout = cached_layout(backend, mask, (block_rows, block_cols), tuple(weight.shape))
+def _block_sparse_backward(grad_out, x, weight, index, block_rows: int, block_cols: int, out_features: int,
+                           backend: str, need_x, need_w):  # fmt: skip
+    layout = _layout_of(backend, weight, index, (block_rows, block_cols), out_features, x.shape[1])
     ops = choose_ops(backend, layout, x.shape[0], for_training=True)
     return ops.backward(grad_out.contiguous(), x, weight, layout, need_x, need_w)
 
 
 class BlockSparseMatmul(torch.autograd.Function):
-    """X W^T at the active blocks of `mask`, in eager mode: x (T, in), weight (out, in) zero outside its active
-    blocks -> (T, out); dW is exactly zero outside the active blocks. (`block_sparse_mm` is the same product as a
-    custom op for torch.compile; in eager mode a custom op's dispatch would cost about 45 us per call.)"""
+    """X W^T at the active blocks, in eager mode: x (T, in), and either a dense weight (out, in), zero outside the
+    active blocks of the block mask `index`, or a compact store (n, block_rows, block_cols) at the block ids
+    `index` -> (T, out); the weight's gradient is laid out like it (exactly zero outside the active blocks, or
+    compact). (`block_sparse_mm` is the same product as a custom op for torch.compile; in eager mode a custom op's
+    dispatch would cost about 45 us per call.)"""
 
     @staticmethod
-    def forward(ctx, x, weight, mask, block_rows: int, block_cols: int, backend: str, for_training: bool):
-        inputs = (x, weight, mask, block_rows, block_cols, backend, for_training)
+    def forward(ctx, x, weight, index, block_rows: int, block_cols: int, out_features: int, backend: str,
+                for_training: bool):  # fmt: skip
+        inputs = (x, weight, index, block_rows, block_cols, out_features, backend, for_training)
         _save_for_block_sparse_backward(ctx, inputs, None)
         return _block_sparse_forward(*inputs)
 
@@ -356,48 +410,51 @@ class BlockSparseMatmul(torch.autograd.Function):
 
 
 def _save_for_block_sparse_backward(ctx, inputs, output) -> None:
-    x, weight, mask, block_rows, block_cols, backend, _ = inputs
-    ctx.save_for_backward(x, weight, mask)
-    ctx.arguments = (block_rows, block_cols, backend)
+    x, weight, index, block_rows, block_cols, out_features, backend, _ = inputs
+    ctx.save_for_backward(x, weight, index)
+    ctx.arguments = (block_rows, block_cols, out_features, backend)
 
 
 def _block_sparse_input_grads(ctx, grad_out: torch.Tensor, backward) -> tuple:
-    """The gradients of (x, weight, mask, block_rows, block_cols, backend, for_training), by `backward` (the
-    implementation, or its custom op under torch.compile)."""
-    x, weight, mask = ctx.saved_tensors
+    """The gradients of (x, weight, index, block_rows, block_cols, out_features, backend, for_training), by
+    `backward` (the implementation, or its custom op under torch.compile)."""
+    x, weight, index = ctx.saved_tensors
     need_x, need_w = ctx.needs_input_grad[:2]
-    grad_x, grad_w = backward(grad_out, x, weight, mask, *ctx.arguments, need_x, need_w)
-    return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None, None, None
+    grad_x, grad_w = backward(grad_out, x, weight, index, *ctx.arguments, need_x, need_w)
+    return (grad_x if need_x else None), (grad_w if need_w else None), None, None, None, None, None, None
 
 
 @torch.library.custom_op("hf_sdt::block_sparse_mm", mutates_args=())
 def block_sparse_mm(
-    x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, block_rows: int, block_cols: int, backend: str,
-    for_training: bool,
+    x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, block_rows: int, block_cols: int, out_features: int,
+    backend: str, for_training: bool,
 ) -> torch.Tensor:  # fmt: skip
     """`BlockSparseMatmul` as a custom op (with a fake implementation and autograd), so that torch.compile keeps it
-    whole, with the mask as a tensor input; `backend` is "torch" or "triton"; `for_training` says whether a backward
-    will follow (the few-token path is inference only)."""
-    return _block_sparse_forward(x, weight, mask, block_rows, block_cols, backend, for_training)
+    whole, with the mask or block ids as a tensor input; `backend` is "torch" or "triton"; `for_training` says
+    whether a backward will follow (the few-token path is inference only)."""
+    return _block_sparse_forward(x, weight, index, block_rows, block_cols, out_features, backend, for_training)
 
 
 @block_sparse_mm.register_fake
-def _block_sparse_mm_fake(x, weight, mask, block_rows, block_cols, backend, for_training):
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _block_sparse_mm_fake(x, weight, index, block_rows, block_cols, out_features, backend, for_training):
+    return x.new_empty(x.shape[0], out_features)
 
 
 @torch.library.custom_op("hf_sdt::block_sparse_mm_backward", mutates_args=())
 def block_sparse_mm_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, block_rows: int,
-    block_cols: int, backend: str, need_x: bool, need_w: bool,
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, block_rows: int,
+    block_cols: int, out_features: int, backend: str, need_x: bool, need_w: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(dX, dW) of `block_sparse_mm`, dW exactly zero outside the active blocks; an unneeded one is empty."""
-    grad_x, grad_w = _block_sparse_backward(grad_out, x, weight, mask, block_rows, block_cols, backend, need_x, need_w)
+    """(dX, dW) of `block_sparse_mm`, dW laid out like the weight; an unneeded one is empty."""
+    grad_x, grad_w = _block_sparse_backward(
+        grad_out, x, weight, index, block_rows, block_cols, out_features, backend, need_x, need_w
+    )
     return (grad_x if need_x else x.new_empty(0)), (grad_w if need_w else weight.new_empty(0))
 
 
 @block_sparse_mm_backward.register_fake
-def _block_sparse_mm_backward_fake(grad_out, x, weight, mask, block_rows, block_cols, backend, need_x, need_w):
+def _block_sparse_mm_backward_fake(grad_out, x, weight, index, block_rows, block_cols, out_features, backend, need_x,
+                                   need_w):  # fmt: skip
     return x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,))
 
 
@@ -490,7 +547,7 @@ def build_layout(
     if backend == "triton":
         if n_active is None:
             n_active = int(mask.sum())
-        return TritonLayout(_kernels().build_block_metadata(mask, n_active), block)
+        return TritonLayout(_kernels().build_block_metadata(mask, n_active), block, shape)
     return build_blocked_layout(mask, block, shape)
 
 
@@ -518,6 +575,49 @@ def sdt_linear(
     backend = resolve_backend(backend, x.device, block)
     if backend == "reference":
         return reference_linear(x, weight, bias, mask, block)
+    return _block_sparse_linear(x, weight, bias, mask, block, weight.shape[0], backend)
+
+
+def compact_linear(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_ids: torch.Tensor,
+    shape: tuple[int, int],
+    backend: str = "auto",
+) -> torch.Tensor:
+    """`F.linear` with a weight stored as its active blocks only: x (..., in), `blocks` (n, block_rows, block_cols)
+    at the row-major block ids `block_ids` (n,) of an (out, in) = `shape` weight that is zero elsewhere ->
+    (..., out). The gradient of `blocks` is compact (and zero in the padding of partial edge blocks).
+
+    Example:
+        >>> blocks, ids = torch.randn(2, 2, 4, requires_grad=True), torch.tensor([0, 3])
+        >>> y = compact_linear(torch.randn(5, 8), blocks, None, ids, (4, 8), backend="torch")
+        >>> y.sum().backward()
+        >>> y.shape, blocks.grad.shape
+        (torch.Size([5, 4]), torch.Size([2, 2, 4]))
+    """
+    block = tuple(blocks.shape[1:])
+    backend = resolve_backend(backend, x.device, block)
+    if backend == "reference":
+        return F.linear(x, dense_of_blocks(blocks, block_ids, tuple(shape)), bias)
+    return _block_sparse_linear(x, blocks, bias, block_ids, block, shape[0], backend)
+
+
+def dense_of_blocks(blocks: torch.Tensor, block_ids: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The (out, in) = `shape` matrix holding `blocks` (n, rows, cols) at `block_ids` and zero elsewhere, through
+    autograd (the dense oracle of `compact_linear`, and what scores and checkpoints read).
+
+    Example:
+        >>> dense_of_blocks(torch.ones(1, 2, 2), torch.tensor([1]), (2, 3))
+        tensor([[0., 0., 1.],
+                [0., 0., 1.]])
+    """
+    rows, cols, inside = element_positions(block_ids, tuple(blocks.shape[1:]), tuple(shape))
+    return blocks.new_zeros(shape).index_put((rows[inside], cols[inside]), blocks[inside])
+
+
+def _block_sparse_linear(x, weight, bias, index, block, out_features: int, backend: str) -> torch.Tensor:
     x, weight, bias = _autocast_operands(x, weight, bias)
     for_training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (T, in), row-major so that column slices are BLAS operands
@@ -525,10 +625,10 @@ def sdt_linear(
         product = block_sparse_mm
     else:  # inference skips the autograd bookkeeping, about 25 us of a 100 us decoding call
         product = BlockSparseMatmul.apply if for_training else _block_sparse_forward
-    out = product(x2d, weight, mask, block[0], block[1], backend, for_training)  # (T, out)
+    out = product(x2d, weight, index, block[0], block[1], out_features, backend, for_training)  # (T, out)
     if bias is not None:
         out = out + bias
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return out.view(*x.shape[:-1], out_features)
 
 
 def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -544,19 +644,34 @@ def _autocast_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 @dataclass(frozen=True)
 class CompactLayout:
-    """Where the slots of a compact store lie in a (out, in) weight, for the gradient of updates mode.
+    """Where the slots of a compact store lie in a (out, in) weight: for its products in weights mode, and for the
+    gradient of updates mode.
 
-    `block_rows` / `block_cols` give each slot's block (int32, on the store's device: the Triton kernel's input);
-    `col_groups` (torch path only) holds, for each block-column with active blocks, (first column, end column,
-    rows of a row-padded dY^T that its slots read, the slots), built on the host when the topology changes.
+    `block_ids` (n,) are the slots' row-major block ids, `block_rows` / `block_cols` each slot's block (int32, on
+    the store's device: the Triton kernels' input). Torch path only, built on the host when the topology changes:
+    `blocks` lists each slot's block as (first row, end row, first column, end column), edge blocks cropped;
+    `col_groups` holds, for each block-column with active blocks, (first column, end column, rows of a row-padded
+    dY^T that its slots read, the slots); `row_sums` (R, n) sums the slots of each block-row. `meta` (Triton only)
+    holds the kernels' block-CSR / CSC indices with each entry's slot. `density` is the fraction of weight
+    elements inside the blocks.
     """
 
+    block_ids: torch.Tensor
     block_rows: torch.Tensor
     block_cols: torch.Tensor
+    blocks: tuple[tuple[int, int, int, int], ...]
     col_groups: tuple[tuple[int, int, torch.Tensor, torch.Tensor], ...]
+    row_sums: torch.Tensor | None
+    meta: Any
     grid: tuple[int, int]
     block: tuple[int, int]
     shape: tuple[int, int]
+    density: float
+
+    @property
+    def gemm_calls(self) -> int:
+        """GEMM calls of one training step of the blocked path (forward, dX, dW)."""
+        return 2 * len(self.blocks) + len(self.col_groups)
 
 
 def build_compact_layout(
@@ -571,7 +686,7 @@ def build_compact_layout(
     """
     grid = block_grid(shape, block)
     rows, cols = block_ids // grid[1], block_ids % grid[1]
-    groups = []
+    groups, blocks, row_sums, meta = [], (), None, None
     if backend == "torch":
         host_rows, host_cols = rows.cpu(), cols.cpu()
         offsets = torch.arange(block[0])
@@ -580,7 +695,20 @@ def build_compact_layout(
             padded_rows = (host_rows[slots, None] * block[0] + offsets).flatten()  # (m * block_rows,)
             c0, c1 = column * block[1], min((column + 1) * block[1], shape[1])
             groups.append((c0, c1, padded_rows.to(block_ids.device), slots.to(block_ids.device)))
-    return CompactLayout(rows.to(torch.int32), cols.to(torch.int32), tuple(groups), grid, block, shape)
+        blocks = tuple(
+            (r * block[0], min((r + 1) * block[0], shape[0]), c * block[1], min((c + 1) * block[1], shape[1]))
+            for r, c in zip(host_rows.tolist(), host_cols.tolist(), strict=True)
+        )
+        row_sums = torch.zeros(grid[0], block_ids.numel(), device=block_ids.device)
+        row_sums[rows, torch.arange(block_ids.numel(), device=block_ids.device)] = 1.0
+        density = masked_fraction(mask_of(block_ids.cpu(), grid), block, shape)
+    else:  # no host synchronisation: the density only steers the torch path's dispatch
+        meta = _kernels().build_compact_metadata(block_ids, grid)
+        density = block_ids.numel() / (grid[0] * grid[1])
+    return CompactLayout(
+        block_ids, rows.to(torch.int32), cols.to(torch.int32), blocks, tuple(groups), row_sums, meta, grid, block,
+        shape, density,
+    )  # fmt: skip
 
 
 def compact_grad_torch(grad_out: torch.Tensor, x: torch.Tensor, layout: CompactLayout) -> torch.Tensor:

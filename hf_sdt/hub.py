@@ -111,7 +111,8 @@ def save_pretrained(
 
 def _save_dense(model: nn.Module, state: dict[str, torch.Tensor], directory: str, **kwargs) -> None:
     state = dict(state)
-    masks = {key: state.pop(key).contiguous().cpu() for key in list(state) if key.endswith(MASK_SUFFIX)}
+    topology = (MASK_SUFFIX, BLOCK_IDS_SUFFIX)  # masks, and the slot order of compact storage
+    masks = {key: state.pop(key).contiguous().cpu() for key in list(state) if key.endswith(topology)}
     model.save_pretrained(directory, state_dict=state, **kwargs)
     save_file(masks, os.path.join(directory, MASKS_NAME), metadata={"format": MASKS_FORMAT})
 
@@ -126,8 +127,9 @@ def load_checkpoint_(model: nn.Module, folder: str) -> None:
     if SDTConfig.from_dict(model.config.sdt_config).mode == "updates":
         from_pretrained(folder, base_model=model)
         return
-    state = _saved_tensors(folder)
     expected = model.state_dict()
+    # The slot order of compact storage means nothing to a model converted with dense storage.
+    state = {k: v for k, v in _saved_tensors(folder).items() if k in expected or not k.endswith(BLOCK_IDS_SUFFIX)}
     missing = set(expected) - set(state) - _tied_keys(model)
     wrong = [key for key in state if key not in expected or expected[key].shape != state[key].shape]
     if missing or wrong:
@@ -359,7 +361,7 @@ def from_pretrained(repo_id_or_path: str, model_class=None, base_model=None, **k
         model = cls.from_pretrained(folder, **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    return get_sdt_model(model, sdt_config, masks=masks)
+    return get_sdt_model(model, sdt_config, masks=masks, block_ids=_saved_tensors(folder, BLOCK_IDS_SUFFIX))
 
 
 def _load_packed(path: str, config, cls, sdt_config: SDTConfig) -> nn.Module:
@@ -377,7 +379,7 @@ def _load_packed(path: str, config, cls, sdt_config: SDTConfig) -> nn.Module:
                 f"Packed checkpoint {path}: layer {name!r} should store {int(element_mask.sum())} active values, "
                 f"found {None if active is None else active.numel()}; the file is corrupt or from another model."
             )
-        weight = torch.zeros(layer.weight.shape, dtype=active.dtype)
+        weight = torch.zeros(element_mask.shape, dtype=active.dtype)
         weight[element_mask] = active
         state[name + ".weight"] = weight
     result = model.load_state_dict(state, strict=False)

@@ -1,7 +1,9 @@
 """SDT layers: linear layers whose weight is cut into blocks, of which only the active ones are used.
 
-`SDTLinear` (weights mode): the weight itself is block-sparse. `SDTUpdateLinear` (updates mode): the pretrained
-weight is frozen and only a compact store of block updates is trained. Both derive from `SDTLayer`.
+`SDTLinear` (weights mode): the weight itself is block-sparse, stored dense; `SDTCompactLinear` (weights mode with
+a fixed number of blocks): only the active blocks are stored, in a compact block store. `SDTUpdateLinear` (updates
+mode): the pretrained weight is frozen and only a compact store of block updates is trained. All derive from
+`SDTLayer`; the compact stores are those of `hf_sdt.blocks`, and both modes use the same products.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import check_block_ids, gather_blocks, mask_of, scatter_blocks_, zero_inactive_blocks_
+from .blocks import block_ids_of, check_block_ids, gather_blocks, mask_of, scatter_blocks_, zero_inactive_blocks_
 from .functional import (
     cached_compact_layout,
     cached_layout,
+    compact_linear,
+    dense_of_blocks,
     record_active_blocks,
     reference_linear,
     resolve_backend,
@@ -21,7 +25,8 @@ from .functional import (
     tensor_version,
 )
 from .masks import block_grid, expand_block_mask, masked_fraction
-from .sharding import full_tensor, local_window, sum_over_shards, zero_at_
+from .sharding import full_tensor, local_window, shard_like, sum_over_shards, zero_at_
+from .topology import reassign_slots
 
 
 class SDTLayer(nn.Module):
@@ -134,6 +139,11 @@ class SDTLinear(SDTLayer):
     def flops_fraction(self) -> float:
         return self.density  # each product reads only the active blocks
 
+    @property
+    def weight_parameter(self) -> nn.Parameter:
+        """The trainable parameter that holds the weight: `weight` here, `sdt_blocks` with compact storage."""
+        return self.weight
+
     def storage_element_mask(self, block_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Element mask of `block_mask` (default: the layer's own mask) in the weight's storage layout, (in, out)
         for Conv1D; blocks beyond the edges are cut to the weight's shape."""
@@ -147,15 +157,18 @@ class SDTLinear(SDTLayer):
         return cached_layout(backend, self.sdt_mask, self.block_size, (self.out_features, self.in_features))
 
     @torch.no_grad()
-    def update_mask_(self, mask: torch.Tensor, n_active: int) -> None:
-        """Replace the block mask in place and zero the weights it no longer covers.
+    def update_mask_(self, mask: torch.Tensor, n_active: int) -> tuple[nn.Parameter, torch.Tensor]:
+        """Replace the block mask in place and zero the weights it no longer covers. Returns the trainable
+        parameter and where its storage changed (an element mask), whose optimizer state the caller resets.
 
         `n_active` must be the number of active blocks of `mask`; passing it lets the Triton path rebuild its
         indices on the device without reading the mask back to the host.
         """
+        changed = self.storage_element_mask(mask ^ self.sdt_mask)
         self.sdt_mask.copy_(mask)
         record_active_blocks(self.sdt_mask, n_active)
         self.apply_mask_()
+        return self.weight, changed
 
     @torch.no_grad()
     def apply_mask_(self) -> None:
@@ -166,6 +179,9 @@ class SDTLinear(SDTLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         if (self.track_input_norms and self.training) or (self.capture_dense_grad and torch.is_grad_enabled()):
             return self._forward_collecting_statistics(x)
+        return self._product(x)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         return sdt_linear(x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self.backend)
 
     # Eager even under torch.compile: it runs on the few steps around a topology update only and writes to the layer,
@@ -179,7 +195,7 @@ class SDTLinear(SDTLayer):
             return reference_linear(
                 x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self._accumulate_dense_grad
             )
-        return sdt_linear(x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self.backend)
+        return self._product(x)
 
     def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
         grad = grad.detach().float()
@@ -193,6 +209,144 @@ class SDTLinear(SDTLayer):
 
 def _apply_mask_after_load(module: SDTLinear, incompatible_keys) -> None:
     module.apply_mask_()
+
+
+class SDTCompactLinear(SDTLinear):
+    """Weights mode with compact storage: an `SDTLinear` that stores only its active blocks.
+
+    The trainable parameter `sdt_blocks` (n_active, block_rows, block_cols) holds one active block per slot, in the
+    weight's dtype, at the row-major block ids of the buffer `sdt_block_ids` (n_active,); `sdt_mask` is kept beside
+    them. Parameters, gradients and optimizer states take `density` of the dense layer's memory (plus the padding
+    of partial edge blocks), the products read the slots directly, and no masking work remains after an optimizer
+    step. The number of blocks is fixed: a topology change gives the slots of dropped blocks to grown ones (which
+    start at zero, with a fresh optimizer state), so parameter shapes, optimizer states and DDP buckets stay valid.
+    `SDTConfig(storage="auto")` picks it whenever the number of blocks is fixed (the `constant` schedule with the
+    `uniform` or `erk` distribution).
+
+    Checkpoints are unchanged for users: `state_dict()` holds the dense `weight` in the wrapped layer's layout
+    (which vanilla transformers loads) and `sdt_mask`, as `SDTLinear`'s does, plus the slot order `sdt_block_ids`
+    (so that a resumed optimizer state meets its blocks); `load_state_dict` compacts the dense weight again
+    (a checkpoint without `sdt_block_ids` gets its mask's blocks in row-major order).
+
+    Args:
+        base_layer (`nn.Linear` or `Conv1D`): the layer to convert; its dense weight is not kept.
+        block_size (`tuple[int, int]`): block (rows, cols) in the (out, in) layout.
+        mask (`torch.Tensor`): bool block mask.
+        backend (`str`): `"auto"`, `"triton"`, `"torch"` or `"reference"`, see `SDTConfig.backend`.
+        block_ids (`torch.Tensor`, *optional*): the blocks of `mask` in slot order (default: row-major).
+
+    Example:
+    >>> layer = SDTCompactLinear(nn.Linear(8, 4), (2, 4), torch.tensor([[True, False], [False, True]]), "torch")
+    >>> layer.sdt_blocks.shape, sorted(layer.state_dict())
+    (torch.Size([2, 2, 4]), ['bias', 'sdt_block_ids', 'sdt_mask', 'weight'])
+    >>> layer(torch.randn(3, 8)).shape
+    torch.Size([3, 4])
+    """
+
+    def __init__(self, base_layer: nn.Module, block_size, mask: torch.Tensor, backend="auto", block_ids=None):
+        super().__init__(base_layer, block_size, mask, backend)
+        ids = self._checked_ids(self.sdt_mask, block_ids)
+        self.register_buffer("sdt_block_ids", ids.to(self.sdt_mask.device))
+        dense = SDTLayer.weight_out_in.fget(self).detach()  # the wrapped layer's weight, still held
+        blocks = gather_blocks(dense, self.sdt_block_ids, self.block_size)
+        requires_grad = self.weight.requires_grad
+        del self.weight  # only the active blocks are kept
+        self.sdt_blocks = nn.Parameter(blocks.contiguous(), requires_grad=requires_grad)
+        self._register_state_dict_hook(_dense_weight_into_state_dict)
+        self.register_load_state_dict_pre_hook(_compact_weight_from_state_dict)
+
+    def _checked_ids(self, mask: torch.Tensor, block_ids: torch.Tensor | None) -> torch.Tensor:
+        """`block_ids` (default: the mask's blocks in row-major order), checked to be exactly the mask's blocks."""
+        if block_ids is None:
+            return block_ids_of(mask)
+        block_ids = block_ids.to(device=mask.device, dtype=torch.int64)
+        check_block_ids(block_ids, self.grid)
+        if not torch.equal(mask_of(block_ids, self.grid), mask.bool()):
+            raise ValueError("The block ids are not the blocks of the mask; save and load them together.")
+        return block_ids
+
+    @property
+    def weight_parameter(self) -> nn.Parameter:
+        return self.sdt_blocks
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense copy of the weight in the wrapped layer's layout, for code that reads `.weight` (its dtype,
+        device or values, as some transformers models do); writing to it changes nothing: the trainable parameter
+        is `sdt_blocks`. Each read builds the copy."""
+        return self.storage_weight()
+
+    @property
+    def weight_out_in(self) -> torch.Tensor:
+        """The dense (out, in) weight, zero outside the active blocks (through autograd; gathered under FSDP2)."""
+        shape = (self.out_features, self.in_features)
+        return dense_of_blocks(full_tensor(self.sdt_blocks), self.sdt_block_ids, shape)
+
+    def layout(self, backend: str):
+        """The index structure of the current blocks for `backend`, rebuilt only when they change."""
+        shape = (self.out_features, self.in_features)
+        return cached_compact_layout(backend, self.sdt_block_ids, self.block_size, shape)
+
+    @torch.no_grad()
+    def apply_mask_(self) -> None:
+        """Nothing to do: only the active blocks are stored."""
+
+    @torch.no_grad()
+    def update_mask_(self, mask: torch.Tensor, n_active: int) -> tuple[nn.Parameter, torch.Tensor]:
+        """Move the blocks to `mask` (with as many active blocks as there are slots): the slots of dropped blocks
+        take the grown ones, at zero. Returns `sdt_blocks` and the slots that changed, whose optimizer state the
+        caller resets."""
+        if n_active != self.sdt_block_ids.numel():
+            raise ValueError(
+                f"A compact SDT layer keeps {self.sdt_block_ids.numel()} blocks; the new mask has {n_active}. Only "
+                "schedules with a fixed number of blocks can use compact storage (SDTConfig.storage='dense' for the "
+                "others)."
+            )
+        slots, new_ids = reassign_slots(self.sdt_block_ids, self.sdt_mask & ~mask, mask & ~self.sdt_mask)
+        ids = self.sdt_block_ids.clone()
+        ids[slots] = new_ids.to(ids)
+        self.sdt_block_ids.copy_(ids)
+        self.sdt_mask.copy_(mask)
+        zero_at_(self.sdt_blocks, slots)
+        return self.sdt_blocks, slots
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (self.out_features, self.in_features)
+        return compact_linear(x, self.sdt_blocks, self.bias, self.sdt_block_ids, shape, self.backend)
+
+    @torch.no_grad()
+    def unload(self, merge: bool = True) -> nn.Module:
+        """The original layer class with the dense weight of this layer's blocks (zeros elsewhere)."""
+        return self._base_layer_with(nn.Parameter(self.storage_weight()))
+
+    def storage_weight(self) -> torch.Tensor:
+        """The dense weight in the wrapped layer's layout ((in, out) for Conv1D), as checkpoints hold it."""
+        dense = self.weight_out_in.detach()
+        return dense.t().contiguous() if self.is_conv1d else dense
+
+
+def _dense_weight_into_state_dict(module: SDTCompactLinear, state_dict, prefix, local_metadata) -> None:
+    state_dict.pop(prefix + "sdt_blocks")
+    state_dict[prefix + "weight"] = module.storage_weight()
+
+
+def _compact_weight_from_state_dict(module: SDTCompactLinear, state_dict, prefix, *args) -> None:
+    """A dense `weight` (and `sdt_mask`, `sdt_block_ids`) in `state_dict` becomes the compact `sdt_blocks`."""
+    weight = state_dict.pop(prefix + "weight", None)
+    if weight is None:
+        return
+    mask = state_dict.get(prefix + "sdt_mask", module.sdt_mask).to(module.sdt_mask.device).bool()
+    ids = module._checked_ids(mask, state_dict.get(prefix + "sdt_block_ids"))
+    if ids.numel() != module.sdt_block_ids.numel():
+        raise ValueError(
+            f"The checkpoint's layer {prefix[:-1]!r} has {ids.numel()} active blocks, this compact layer "
+            f"{module.sdt_block_ids.numel()} slots: load it into a model converted with the same SDTConfig."
+        )
+    weight_out_in = (weight.t() if module.is_conv1d else weight).to(module.sdt_blocks.device)
+    state_dict[prefix + "sdt_block_ids"] = ids
+    state_dict[prefix + "sdt_blocks"] = shard_like(
+        gather_blocks(weight_out_in, ids, module.block_size), module.sdt_blocks
+    )
 
 
 class SDTUpdateLinear(SDTLayer):

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, SDTConfig
-from .layer import SDTLayer, SDTLinear, SDTUpdateLinear
+from .layer import SDTCompactLinear, SDTLayer, SDTLinear, SDTUpdateLinear
 from .masks import block_element_counts, block_grid, block_norms, topk_block_mask
 from .schedule import initial_density, target_block_counts
 from .topology import global_block_counts
@@ -151,12 +151,15 @@ def get_sdt_model(
 
     The config is stored as a dict in `model.config.sdt_config`, so it survives `save_pretrained`.
 
-    Weights mode: each targeted layer becomes an `SDTLinear`. The initial mask keeps the blocks of largest Frobenius
+    Weights mode: each targeted layer becomes an `SDTCompactLinear` (only the active blocks stored) when
+    `config.compact_storage` (the number of blocks is fixed: `schedule="constant"`, `uniform` or `erk`
+    distribution), an `SDTLinear` (dense storage) otherwise. The initial mask keeps the blocks of largest Frobenius
     norm (so a pretrained model loses as little as possible) at the schedule's starting density
     (`initial_density`, or `density` with `schedule="constant"`), spread over layers by `distribution`: with
     `"uniform"` each layer keeps exactly `max(1, round(d * n_blocks))` blocks. The other weights are set to exactly
     zero. `masks` (layer name -> block mask) restores saved masks instead, as `hf_sdt.from_pretrained` does; their
-    names must be exactly the targeted layers and their shapes must fit the weights.
+    names must be exactly the targeted layers and their shapes must fit the weights (with compact storage,
+    `block_ids` may give each mask's blocks in slot order).
 
     Updates mode: each targeted layer becomes an `SDTUpdateLinear` with `max(1, round(density * n_blocks))`
     trainable blocks (uniform; ERK spreads them by layer shape); every other parameter is frozen except those of
@@ -215,9 +218,16 @@ def get_sdt_model(
             chosen = [masks[name].bool() for name in targets]
         else:
             chosen = _initial_masks(weights, config)
-        new_layers = [
-            SDTLinear(layer, block, mask, config.backend) for layer, mask in zip(layers, chosen, strict=True)
-        ]
+        if config.compact_storage:
+            slot_ids = [None if block_ids is None else block_ids.get(name) for name in targets]
+            new_layers = [
+                SDTCompactLinear(layer, block, mask, config.backend, ids)
+                for layer, mask, ids in zip(layers, chosen, slot_ids, strict=True)
+            ]
+        else:
+            new_layers = [
+                SDTLinear(layer, block, mask, config.backend) for layer, mask in zip(layers, chosen, strict=True)
+            ]
     for name, new_layer in zip(targets, new_layers, strict=True):
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, new_layer)
@@ -287,7 +297,7 @@ def _check_saved_masks(masks: dict[str, torch.Tensor], targets: list[str], shape
 
 
 def sdt_layers(model: nn.Module) -> dict[str, SDTLayer]:
-    """The SDT layers (`SDTLinear` or `SDTUpdateLinear`) of `model` by qualified name."""
+    """The SDT layers (`SDTLinear`, `SDTCompactLinear` or `SDTUpdateLinear`) of `model` by qualified name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, SDTLayer)}
 
 
@@ -337,11 +347,12 @@ def weighted_mean(layers, attribute: str) -> float:
 def sparsity_summary(model: nn.Module) -> dict[str, Any]:
     """Density of the SDT layers of `model` and the multiply-adds their block-sparse products need.
 
-    Returns a dict with `mode`, `density` (active, or in updates mode trainable, fraction of all targeted weight
-    elements), `linear_flops_ratio` (sparse / dense multiply-adds of the targeted layers for the forward and both
-    gradients: the active fraction in weights mode, (2 + density) / 3 in updates mode, whose forward and dX are
-    dense) and `layers`, one dict per layer with `name`,
-    `shape` (out, in), `block_size`, `active_blocks`, `total_blocks` and `density`.
+    Returns a dict with `mode`, `storage` (`"compact"`: only the active blocks or trainable updates are stored,
+    `"dense"`: whole weights with zeros outside the masks), `density` (active, or in updates mode trainable,
+    fraction of all targeted weight elements), `linear_flops_ratio` (sparse / dense multiply-adds of the targeted
+    layers for the forward and both gradients: the active fraction in weights mode, (2 + density) / 3 in updates
+    mode, whose forward and dX are dense) and `layers`, one dict per layer with `name`, `shape` (out, in),
+    `block_size`, `active_blocks`, `total_blocks` and `density`.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -365,8 +376,10 @@ def sparsity_summary(model: nn.Module) -> dict[str, Any]:
     if not layers:
         raise ValueError("This model has no SDT layers; convert it with hf_sdt.get_sdt_model(model, SDTConfig(...)).")
     modules = sdt_layers(model).values()
+    first = next(iter(modules))
     return {
-        "mode": "updates" if isinstance(next(iter(modules)), SDTUpdateLinear) else "weights",
+        "mode": "updates" if isinstance(first, SDTUpdateLinear) else "weights",
+        "storage": "dense" if type(first) is SDTLinear else "compact",
         "density": weighted_mean(modules, "density"),
         "linear_flops_ratio": weighted_mean(modules, "flops_fraction"),
         "layers": layers,
@@ -384,7 +397,12 @@ def print_sparsity_summary(model: nn.Module, file: Any | None = None) -> None:
         blocks = f"{layer['active_blocks']}/{layer['total_blocks']}"
         rows.append(f"{layer['name']:<{width}}  {shape:>13}  {block:>9}  {blocks:>13}  {layer['density']:>7.3f}")
     rows.append(
-        f"{len(summary['layers'])} SDT layers ({summary['mode']} mode), density {summary['density']:.4f}, "
-        f"linear FLOPs ratio {summary['linear_flops_ratio']:.4f} of dense"
+        f"{len(summary['layers'])} SDT layers ({summary['mode']} mode, {summary['storage']} storage), density "
+        f"{summary['density']:.4f}, linear FLOPs ratio {summary['linear_flops_ratio']:.4f} of dense"
     )
+    if summary["storage"] == "dense":
+        rows.append(
+            "Dense storage: whole weights, zero outside the masks (a gradual schedule or the global distribution "
+            "changes the number of blocks); schedule='constant' with 'uniform' or 'erk' stores only active blocks."
+        )
     print("\n".join(rows), file=file)

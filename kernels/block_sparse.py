@@ -1,8 +1,11 @@
-"""Triton kernels for a linear layer whose (out, in) weight is dense in memory but used only at active blocks.
+"""Triton kernels for a linear layer whose (out, in) weight is used only at active blocks, stored either dense
+(out, in) or compact, as a (n_active, block_rows, block_cols) store of its active blocks, one slot per block.
 
 Three products, each touching only the active blocks and accumulating in fp32:
 
-- forward  Y  = X W^T: one program per (token tile, block-row), walking that row's active blocks (block-CSR);
+- forward  Y  = X W^T: one program per (token tile, block-row), walking that row's active blocks (block-CSR); each
+  entry's tile is read at its offset (its place in the dense weight, or its slot of the store) with in-tile strides,
+  so one kernel serves both storages;
 - backward dX = dY W = dY (W^T)^T: the same kernel on the transposed weight (a strided view), walking each
   block-column's active blocks through the transposed index (CSC): no atomics and no copies of values;
 - backward dW = dY^T X at the active blocks only (SDD): one program per (active block, token split); with few
@@ -48,6 +51,25 @@ class BlockMetadata(NamedTuple):
     block_cols: torch.Tensor  # (n_active,) int32
     col_offsets: torch.Tensor  # (n_block_cols + 1,) int32
     csc_rows: torch.Tensor  # (n_active,) int32
+    csr_slots: torch.Tensor | None = None  # (n_active,) int64: the store slot of each block-CSR entry (compact)
+    csc_slots: torch.Tensor | None = None  # (n_active,) int64: ... of each CSC entry
+
+
+def build_compact_metadata(block_ids: torch.Tensor, grid: tuple[int, int]) -> BlockMetadata:
+    """`build_block_metadata` of the blocks `block_ids` (n,) (each a slot of a compact store, in slot order) on a
+    `grid` (block-rows, block-columns), with the slot of each block-CSR and CSC entry. No host synchronisation.
+
+    Example:
+        >>> meta = build_compact_metadata(torch.tensor([3, 0, 2]), (2, 2))
+        >>> meta.block_cols.tolist(), meta.csr_slots.tolist(), meta.csc_rows.tolist(), meta.csc_slots.tolist()
+        ([0, 0, 1], [1, 2, 0], [0, 1, 1], [1, 2, 0])
+    """
+    mask = torch.zeros(grid[0] * grid[1], dtype=torch.bool, device=block_ids.device)
+    mask[block_ids] = True
+    rows, cols = block_ids // grid[1], block_ids % grid[1]
+    csr_slots = torch.sort(block_ids).indices  # row-major order is the block-CSR order
+    csc_slots = torch.sort(cols * grid[0] + rows).indices
+    return build_block_metadata(mask.view(grid), block_ids.numel())._replace(csr_slots=csr_slots, csc_slots=csc_slots)
 
 
 def build_block_metadata(mask: torch.Tensor, n_active: int) -> BlockMetadata:
@@ -82,12 +104,13 @@ def build_block_metadata(mask: torch.Tensor, n_active: int) -> BlockMetadata:
 @triton.autotune(configs=CONFIGS, key=TUNING_KEY)
 @triton.jit
 def _dense_sparse_t_kernel(
-    x_ptr, w_ptr, y_ptr, row_offsets_ptr, block_cols_ptr,
+    x_ptr, w_ptr, y_ptr, row_offsets_ptr, block_cols_ptr, tile_offsets_ptr,
     T, OUT, IN, T_BUCKET, DENSITY_BUCKET,
     stride_xt, stride_xk, stride_wn, stride_wk, stride_yt, stride_yn,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Y (T, OUT) = X (T, IN) @ W^T for W (OUT, IN) in block-CSR: one program per (token tile, block-row)."""
+    """Y (T, OUT) = X (T, IN) @ W^T for W (OUT, IN) in block-CSR: one program per (token tile, block-row). Entry i's
+    tile starts at `w_ptr + tile_offsets[i]` and its element (n, k) lies `n * stride_wn + k * stride_wk` further."""
     pid_t = tl.program_id(0)
     block_row = tl.program_id(1)
     offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
@@ -95,6 +118,7 @@ def _dense_sparse_t_kernel(
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     start = tl.load(row_offsets_ptr + block_row)
     end = tl.load(row_offsets_ptr + block_row + 1)
+    tile = tl.arange(0, BLOCK_N)[:, None].to(tl.int64) * stride_wn + tl.arange(0, BLOCK_K)[None, :] * stride_wk
     for i in range(start, end):
         offs_k = tl.load(block_cols_ptr + i).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(
@@ -103,7 +127,7 @@ def _dense_sparse_t_kernel(
             other=0.0,
         )  # (BLOCK_T, BLOCK_K)
         w = tl.load(
-            w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+            w_ptr + tl.load(tile_offsets_ptr + i) + tile,
             mask=(offs_n[:, None] < OUT) & (offs_k[None, :] < IN),
             other=0.0,
         )  # (BLOCK_N, BLOCK_K)
@@ -222,45 +246,73 @@ def _launch_args(
 def _dense_sparse_t(
     x: torch.Tensor,
     weight: torch.Tensor,
+    shape: tuple[int, int],
     row_offsets: torch.Tensor,
     block_cols: torch.Tensor,
+    tile_offsets: torch.Tensor,
+    tile_strides: tuple[int, int],
     block: tuple[int, int],
 ) -> torch.Tensor:
-    """x (T, in) @ weight^T for a block-sparse weight (out, in) given in block-CSR."""
-    grid = (row_offsets.numel() - 1, triton.cdiv(weight.shape[1], block[1]))
-    args = _launch_args(x, tuple(weight.shape), block_cols.numel(), grid, block)
+    """x (T, in) @ W^T for a block-sparse W of `shape` (out, in) given in block-CSR, whose entries' tiles lie at
+    `tile_offsets` (elements from `weight`'s start) with in-tile strides `tile_strides` (rows, columns)."""
+    grid = (row_offsets.numel() - 1, triton.cdiv(shape[1], block[1]))
+    args = _launch_args(x, shape, block_cols.numel(), grid, block)
     if x.shape[1] != args["IN"]:
         raise ValueError(f"The input has {x.shape[1]} features but the weight expects {args['IN']}.")
     y = x.new_empty(args["T"], args["OUT"])
     launch_grid = lambda config: (triton.cdiv(args["T"], config["BLOCK_T"]), grid[0])  # noqa: E731
     _dense_sparse_t_kernel[launch_grid](
-        x, weight, y, row_offsets, block_cols,
-        stride_xt=x.stride(0), stride_xk=x.stride(1), stride_wn=weight.stride(0), stride_wk=weight.stride(1),
+        x, weight, y, row_offsets, block_cols, tile_offsets,
+        stride_xt=x.stride(0), stride_xk=x.stride(1), stride_wn=tile_strides[0], stride_wk=tile_strides[1],
         stride_yt=y.stride(0), stride_yn=y.stride(1), **args,
     )  # fmt: skip
     return y
 
 
+def _tile_offsets(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, slots, block: tuple[int, int]):
+    """Where each entry's tile starts (int64 elements) and the in-tile strides: at (rows, cols) x block in a dense
+    (out, in) weight (any strides), or at its slot of a contiguous compact (n, rows, cols) store."""
+    if weight.dim() == 3:
+        return slots * (block[0] * block[1]), (block[1], 1)
+    rows, cols = rows.to(torch.int64), cols.to(torch.int64)
+    return rows * (block[0] * weight.stride(0)) + cols * (block[1] * weight.stride(1)), tuple(weight.stride())
+
+
 def block_sparse_forward(
-    x: torch.Tensor, weight: torch.Tensor, meta: BlockMetadata, block: tuple[int, int]
+    x: torch.Tensor, weight: torch.Tensor, meta: BlockMetadata, block: tuple[int, int], out_features: int | None = None
 ) -> torch.Tensor:
-    """Y (T, out) = x (T, in) @ weight^T, reading only the active blocks of `weight` (out, in).
+    """Y (T, out) = x (T, in) @ W^T, reading only the active blocks of W: a dense `weight` (out, in), or a
+    compact store (n, block_rows, block_cols) with `meta` from `build_compact_metadata` and `out_features`.
 
     Example:
         >>> x, weight, mask = torch.randn(8, 32), torch.randn(16, 32), torch.tensor([[True, False]])
         >>> y = block_sparse_forward(x, weight, build_block_metadata(mask, 1), (16, 16))  # doctest: +SKIP
     """
-    return _dense_sparse_t(x, weight, meta.row_offsets, meta.block_cols, block)
+    shape = tuple(weight.shape) if weight.dim() == 2 else (out_features, x.shape[1])
+    offsets, strides = _tile_offsets(weight, meta.block_rows, meta.block_cols, meta.csr_slots, block)
+    return _dense_sparse_t(x, weight, shape, meta.row_offsets, meta.block_cols, offsets, strides, block)
 
 
 def block_sparse_grad_input(
-    grad_out: torch.Tensor, weight: torch.Tensor, meta: BlockMetadata, block: tuple[int, int]
+    grad_out: torch.Tensor, weight: torch.Tensor, meta: BlockMetadata, block: tuple[int, int], in_features=None
 ) -> torch.Tensor:
-    """dX (T, in) = grad_out (T, out) @ weight, reading only the active blocks of `weight` (out, in).
+    """dX (T, in) = grad_out (T, out) @ W, reading only the active blocks of W: a dense `weight` (out, in), or a
+    compact store with `meta` from `build_compact_metadata` and `in_features`.
 
-    It is the forward product on the transposed weight: a strided view, whose block-CSR is the mask's CSC.
+    It is the forward product on the transposed weight: a strided view (of the weight, or of each slot), whose
+    block-CSR is the mask's CSC.
     """
-    return _dense_sparse_t(grad_out, weight.t(), meta.col_offsets, meta.csc_rows, (block[1], block[0]))
+    if weight.dim() == 2:
+        shape, transposed = tuple(weight.shape[::-1]), weight.t()
+        csc_cols = torch.repeat_interleave(
+            torch.arange(meta.col_offsets.numel() - 1, device=weight.device), meta.col_offsets.diff().long(),
+            output_size=meta.csc_rows.numel(),
+        )  # fmt: skip
+        offsets, strides = _tile_offsets(transposed, csc_cols, meta.csc_rows, None, block[::-1])
+    else:
+        shape, transposed = (in_features, grad_out.shape[1]), weight
+        offsets, strides = meta.csc_slots * (block[0] * block[1]), (1, block[1])
+    return _dense_sparse_t(grad_out, transposed, shape, meta.col_offsets, meta.csc_rows, offsets, strides, block[::-1])
 
 
 def block_sparse_grad_weight(

@@ -38,8 +38,11 @@ class FSDPOnCPUTrainer(SDTTrainer):
 
 
 def shards_zero_outside_masks(model) -> bool:
-    """Weights mode: whether every weight shard of this process is exactly zero outside its mask."""
+    """Weights mode: whether every weight shard of this process is exactly zero outside its mask (compact storage
+    holds nothing outside it)."""
     for layer in hf_sdt.sdt_layers(model).values():
+        if isinstance(layer, hf_sdt.SDTCompactLinear):
+            continue
         local, offset = layer.local_out_in(layer.weight)
         if not torch.equal(
             zero_inactive_blocks_(local.detach().clone(), layer.sdt_mask, layer.block_size, offset), local
@@ -72,7 +75,7 @@ if __name__ == "__main__":
     output_dir, rank = sys.argv[1], int(os.environ["RANK"])
     dist.init_process_group("gloo")
     torch.save(different_topologies_are_refused(rank), f"{output_dir}/refused-rank{rank}.pt")
-    for mode in ("weights", "updates"):
+    for mode in ("weights", "weights-compact", "updates"):
         model, probe = train_with_controller(mode)
         with torch.no_grad():
             logits = model(input_ids=probe).logits

@@ -49,12 +49,15 @@ def make_updates_config(**overrides) -> SDTConfig:
 
 
 def train_and_save_state(output_dir: str, batch_size: int, mode: str = "weights") -> None:
-    """Train with SDTTrainer (12 steps, gradient growth or selection), then save this rank's state dict as
+    """Train with SDTTrainer (12 steps, gradient growth or selection; "weights-compact": a constant schedule, so
+    compact storage), then save this rank's state dict as
     `world{W}_rank{R}.pt` in `output_dir`."""
     import torch.distributed as dist
 
     if mode == "updates":
         config = make_updates_config(update_interval=3)
+    elif mode == "weights-compact":
+        config = make_config(grow_criterion="gradient", schedule="constant", update_interval=3)
     else:
         config = make_config(grow_criterion="gradient", schedule_end=0.3, update_interval=3)
     trainer = SDTTrainer(
@@ -72,9 +75,12 @@ def train_and_save_state(output_dir: str, batch_size: int, mode: str = "weights"
 
 def controller_config(mode: str) -> SDTConfig:
     """The 12-step runs of the distributed tests: gradient growth, Taylor pruning and a gradual schedule in weights
-    mode; gradient selection every 3 steps in updates mode."""
+    mode (a constant one, so compact storage, in "weights-compact"); gradient selection every 3 steps in updates
+    mode."""
     if mode == "updates":
         return make_updates_config(update_interval=3)
+    if mode == "weights-compact":  # a constant schedule: compact storage
+        return make_config(grow_criterion="gradient", prune_criterion="taylor", schedule="constant", update_interval=3)
     return make_config(grow_criterion="gradient", prune_criterion="taylor", schedule_end=0.3, update_interval=3)
 
 

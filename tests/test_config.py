@@ -54,3 +54,15 @@ def test_mode_picks_its_defaults_and_is_checked():
         SDTConfig(mode="updates", distribution="global")
     with pytest.raises(ValueError, match="selection_steps"):
         SDTConfig(mode="updates", selection_steps=0)
+
+
+def test_storage_is_compact_exactly_when_block_counts_are_fixed():
+    assert SDTConfig(schedule="constant").compact_storage
+    assert SDTConfig(schedule="constant", distribution="erk").compact_storage
+    assert not SDTConfig().compact_storage, "a gradual schedule prunes: dense storage"
+    assert not SDTConfig(schedule="constant", distribution="global").compact_storage
+    assert not SDTConfig(schedule="constant", storage="dense").compact_storage
+    with pytest.raises(ValueError, match=r"storage='compact'.*schedule='cubic'"):
+        SDTConfig(storage="compact")
+    with pytest.raises(ValueError, match="storage must be one of"):
+        SDTConfig(storage="sparse")

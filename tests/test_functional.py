@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hf_sdt import functional
-from hf_sdt.blocks import element_positions
+from hf_sdt.blocks import block_ids_of, element_positions, gather_blocks
 from hf_sdt.functional import build_blocked_layout, reference_linear, resolve_backend, sdt_linear
 from hf_sdt.masks import block_grid, expand_block_mask
 
@@ -147,3 +147,36 @@ def test_compact_update_gradient_matches_reference(shape, block, count, dtype, t
     assert actual[2].dtype == torch.float32
     _, _, inside = element_positions(ids, block, shape)
     assert (actual[2][~inside] == 0).all(), "the padding of edge blocks gets no gradient"
+
+
+def run_compact(backend, x, blocks, bias, ids, shape):
+    x, blocks, bias = (t.detach().requires_grad_() for t in (x, blocks, bias))
+    out = functional.compact_linear(x, blocks, bias, ids, shape, backend)
+    out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype))
+    return out, x.grad, blocks.grad, bias.grad
+
+
+@pytest.mark.parametrize("shape,block", SHAPES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("path", ["blocked", "dense"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_compact_store_products_match_reference(shape, block, mask_kind, path, dtype, tol, block_mask_factory,
+                                                monkeypatch):  # fmt: skip
+    """Weights mode with compact storage: forward, dX and the compact gradient of the blocks (zero in the padding
+    of edge slots), slots in a shuffled order, on odd shapes and masks with empty block-lines."""
+    monkeypatch.setattr(functional, "blocked_path_pays", lambda layout, tokens, block: path == "blocked")
+    generator = torch.Generator().manual_seed(3)
+    ids = block_ids_of(block_mask_factory(mask_kind, shape, block))
+    ids = ids[torch.randperm(ids.numel(), generator=generator)]
+    blocks = gather_blocks(torch.randn(shape, generator=generator), ids, block).to(dtype)
+    x = torch.randn(2, 19, shape[1], generator=generator).to(dtype)
+    bias = torch.randn(shape[0], generator=generator).to(dtype)
+    expected = run_compact("reference", x, blocks, bias, ids, shape)
+    actual = run_compact("torch", x, blocks, bias, ids, shape)
+    for got, want in zip(actual, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
+    _, _, inside = element_positions(ids, block, shape)
+    assert (actual[2][~inside] == 0).all(), "the padding of edge slots gets no gradient"
+    with torch.no_grad():  # few tokens at inference: the slots are read directly
+        few = functional.compact_linear(x[:, :3], blocks, bias, ids, shape, "torch")
+    torch.testing.assert_close(few, expected[0][:, :3], rtol=tol, atol=tol * expected[0].abs().max().item())

@@ -28,7 +28,16 @@ def assert_same_model(got, want):
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_round_trip_is_exact(tmp_path, packed):
+    """Compact storage (the constant schedule), with slots out of row-major order after a drop/grow: the dense or
+    packed checkpoint gives back the same weights, masks and slot order."""
     model = odd_sdt_model()
+    layer = sdt_layers(model)["transformer.h.0.mlp.c_fc"]
+    moved = layer.sdt_mask.clone()
+    moved[tuple(moved.nonzero()[0].tolist())], moved[tuple((~moved).nonzero()[-1].tolist())] = False, True
+    with torch.no_grad():
+        layer.update_mask_(moved, int(moved.sum()))
+        layer.sdt_blocks.add_(1.0)  # the grown block is not zero either
+    assert layer.sdt_block_ids.tolist() != sorted(layer.sdt_block_ids.tolist())
     hub.save_pretrained(model, tmp_path, packed=packed)
     loaded = hub.from_pretrained(str(tmp_path))
     assert_same_model(loaded, model)
@@ -55,10 +64,9 @@ def test_packed_size_scales_with_density(tmp_path, density):
     tensors = load_file(tmp_path / hub.PACKED_WEIGHTS_NAME)
     packed_bytes = sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith(hub.ACTIVE_SUFFIX))
     layers = sdt_layers(model).values()
-    dense_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in layers)
-    weighted_density = sum(layer.density * layer.weight.numel() for layer in layers) / sum(
-        layer.weight.numel() for layer in layers
-    )
+    elements = [layer.out_features * layer.in_features for layer in layers]
+    dense_bytes = 4 * sum(elements)  # fp32
+    weighted_density = sum(layer.density * n for layer, n in zip(layers, elements, strict=True)) / sum(elements)
     # `density` is the fraction of weight elements in active blocks (partial edge blocks count for less).
     assert packed_bytes <= weighted_density * dense_bytes + 0.02 * dense_bytes
 

@@ -6,9 +6,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from hf_sdt import SDTLinear, SDTUpdateLinear
-from hf_sdt.blocks import element_positions
-from hf_sdt.masks import expand_block_mask
+from hf_sdt import SDTCompactLinear, SDTLinear, SDTUpdateLinear
+from hf_sdt import functional as sdt_functional
+from hf_sdt.blocks import element_positions, gather_blocks, mask_of
+from hf_sdt.controller import reset_optimizer_state
+from hf_sdt.masks import expand_block_mask, topk_block_mask
 
 
 def make_base(kind: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -123,6 +125,85 @@ def test_loading_a_state_dict_restores_the_mask_and_zeros():
         layer.load_state_dict({**state, "sdt_mask": torch.ones(3, 2, dtype=torch.bool)})
 
 
+def dense_and_compact(kind: str, mask: torch.Tensor, backend: str, block=(16, 32), shape=(50, 70)):
+    """The same layer (odd shape, partial edge blocks) with dense and with compact storage."""
+    base = make_base(kind, shape[1], shape[0], bias=True)
+    return SDTLinear(copy.deepcopy(base), block, mask, backend), SDTCompactLinear(base, block, mask, backend)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("mask_kind", ["random", "full", "single", "empty_lines"])
+@pytest.mark.parametrize("path", ["blocked", "dense", "few-token", "reference"])
+def test_compact_storage_computes_and_trains_like_dense_storage(
+    kind, mask_kind, path, block_mask_factory, monkeypatch
+):
+    """Forward, both gradients, AdamW steps and a drop/grow with its optimizer-state reset give the same weights
+    whether a layer stores its whole weight or only its active blocks, on every product path."""
+    monkeypatch.setattr(sdt_functional, "blocked_path_pays", lambda layout, tokens, block: path == "blocked")
+    mask = block_mask_factory(mask_kind, (50, 70), (16, 32))
+    dense, compact = dense_and_compact(kind, mask, "reference" if path == "reference" else "torch")
+    x = torch.randn(3 if path == "few-token" else 13, 70, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), dense(x), rtol=1e-5, atol=1e-5)
+    optimizers = [torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1) for layer in (dense, compact)]
+    moved = mask.clone()
+    if mask_kind != "full":  # drop one block, grow another
+        moved[tuple(mask.nonzero()[0].tolist())] = False
+        moved[tuple((~mask).nonzero()[-1].tolist())] = True
+    for step in range(6):
+        grads, ids = [], compact.sdt_block_ids.clone()
+        for layer, optimizer in zip((dense, compact), optimizers, strict=True):
+            inputs = x.clone().requires_grad_()
+            layer(inputs).square().sum().backward()
+            grad_w = layer.weight_parameter.grad
+            grad_w = grad_w if grad_w.dim() == 3 else (grad_w.t() if layer.is_conv1d else grad_w)  # (out, in)
+            grads.append((inputs.grad, grad_w, layer.bias.grad.clone()))
+            optimizer.step()
+            optimizer.zero_grad()
+            layer.apply_mask_()
+            if step == 2:
+                reset_optimizer_state(optimizer, *layer.update_mask_(moved, int(moved.sum())))
+        (dense_x, dense_w, dense_b), (compact_x, compact_w, compact_b) = grads
+        torch.testing.assert_close(compact_x, dense_x, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compact_w, gather_blocks(dense_w, ids, (16, 32)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compact_b, dense_b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compact.weight, dense.weight, rtol=1e-5, atol=1e-6)
+    state = optimizers[1].state[compact.sdt_blocks]
+    assert all(value.shape == compact.sdt_blocks.shape for key, value in state.items() if key != "step")
+    assert compact.sdt_blocks.numel() == int(moved.sum()) * 16 * 32
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_compact_state_dict_is_the_dense_one_and_loads_back_exactly(kind):
+    mask = torch.rand(4, 3, generator=torch.Generator().manual_seed(5)) < 0.5
+    dense, compact = dense_and_compact(kind, mask, "torch")
+    ids = torch.tensor(list(reversed(compact.sdt_block_ids.tolist())))  # a slot order that is not row-major
+    compact = SDTCompactLinear(make_base(kind, 70, 50, bias=True), (16, 32), mask, "torch", block_ids=ids)
+    state = compact.state_dict()
+    assert set(state) == {"weight", "bias", "sdt_mask", "sdt_block_ids"}
+    assert torch.equal(state["weight"], dense.state_dict()["weight"]), "the dense weight, in the storage layout"
+    assert torch.equal(state["sdt_block_ids"], ids)
+    fresh = SDTCompactLinear(make_base(kind, 70, 50, bias=True), (16, 32), mask, "torch")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.sdt_block_ids, ids) and torch.equal(fresh.sdt_blocks, compact.sdt_blocks)
+    fresh.load_state_dict(dense.state_dict())  # a dense-storage checkpoint: row-major slots
+    assert torch.equal(fresh.sdt_blocks, gather_blocks(dense.weight_out_in, fresh.sdt_block_ids, (16, 32)))
+    assert fresh.unload().weight.shape == dense.weight.shape
+    with pytest.raises(ValueError, match="active blocks"):
+        fresh.load_state_dict({**state, "sdt_mask": torch.ones(4, 3, dtype=torch.bool), "sdt_block_ids": None})
+    with pytest.raises(ValueError, match="not the blocks of the mask"):
+        SDTCompactLinear(make_base(kind, 70, 50, bias=True), (16, 32), mask, "torch", block_ids=ids[:-1])
+
+
+def test_compact_layer_refuses_a_mask_with_another_block_count():
+    mask = torch.eye(4, 3, dtype=torch.bool)
+    _, compact = dense_and_compact("linear", mask, "torch")
+    with pytest.raises(ValueError, match="keeps 3 blocks"):
+        compact.update_mask_(torch.ones(4, 3, dtype=torch.bool), 12)
+    assert torch.equal(compact.sdt_block_ids, torch.tensor([0, 4, 8])) and torch.equal(compact.sdt_mask, mask)
+    assert torch.equal(mask_of(compact.sdt_block_ids, (4, 3)), mask)
+
+
 def make_update_layer(conv1d: bool, dtype=torch.float32, ids=(0, 5, 3)):
     """An updates-mode layer on an odd 50 x 70 weight with 16 x 32 blocks (partial edge blocks)."""
     torch.manual_seed(0)
@@ -191,7 +272,7 @@ def test_update_layer_with_bf16_weights_matches_reference():
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
-def compiled_run(sdt: bool) -> tuple[list[tuple], dict]:
+def compiled_run(sdt: bool, storage: str = "auto") -> tuple[list[tuple], dict]:
     """Train steps (fwd+bwd) of a tiny GPT-2 compiled with fullgraph=True, a drop/grow between them, then a
     one-token inference call; returns (compiled, eager) pairs of outputs and gradients, and dynamo's graph counts."""
     from sdt_helpers import tiny_gpt2
@@ -203,7 +284,7 @@ def compiled_run(sdt: bool) -> tuple[list[tuple], dict]:
     counters.clear()
     model = tiny_gpt2()
     if sdt:
-        model = get_sdt_model(model, SDTConfig(density=0.5, block_size=16, schedule="constant"))
+        model = get_sdt_model(model, SDTConfig(density=0.5, block_size=16, schedule="constant", storage=storage))
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     results = []
@@ -213,11 +294,13 @@ def compiled_run(sdt: bool) -> tuple[list[tuple], dict]:
             model.zero_grad()
             logits = run(ids).logits
             logits.square().mean().backward()
-            pair.append((logits, model.transformer.h[0].mlp.c_fc.weight.grad))
+            layer = model.transformer.h[0].mlp.c_fc
+            pair.append((logits, (layer.weight_parameter if sdt else layer.weight).grad))
         results += list(zip(*pair, strict=True))
-        if sdt:  # what a drop/grow does to a layer between steps: a new mask, changed in place
+        if sdt:  # what a drop/grow does to a layer between steps: other blocks as many, changed in place
             for layer in sdt_layers(model).values():
-                new_mask = torch.rand(layer.sdt_mask.shape, generator=torch.Generator().manual_seed(step)) < 0.5
+                scores = torch.rand(layer.sdt_mask.shape, generator=torch.Generator().manual_seed(step))
+                new_mask = topk_block_mask(scores, int(layer.sdt_mask.sum()))
                 layer.update_mask_(new_mask, int(new_mask.sum()))
     with torch.no_grad():
         results.append((compiled(ids[:, :1]).logits, model(ids[:, :1]).logits))
@@ -225,10 +308,11 @@ def compiled_run(sdt: bool) -> tuple[list[tuple], dict]:
 
 
 @pytest.mark.slow
-def test_torch_compile_traces_sdt_layers_like_dense_ones():
+@pytest.mark.parametrize("storage", ["dense", "compact"])
+def test_torch_compile_traces_sdt_layers_like_dense_ones(storage):
     """fullgraph=True compiles an SDT model as it does the dense one; drop/grow needs no recompilation; compiled
     outputs and gradients equal eager ones (the one-token call takes the few-token path)."""
-    sdt_results, sdt_counts = compiled_run(sdt=True)
+    sdt_results, sdt_counts = compiled_run(sdt=True, storage=storage)
     _, dense_counts = compiled_run(sdt=False)
     assert sdt_counts == dense_counts and sdt_counts["breaks"] == 0, (sdt_counts, dense_counts)
     for compiled, eager in sdt_results:

@@ -22,7 +22,17 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from hf_sdt import SDTConfig, SDTLinear, get_sdt_model, print_sparsity_summary, sdt_layers, sparsity_summary, unload
+from hf_sdt import (
+    SDTCompactLinear,
+    SDTConfig,
+    SDTController,
+    SDTLinear,
+    get_sdt_model,
+    print_sparsity_summary,
+    sdt_layers,
+    sparsity_summary,
+    unload,
+)
 from hf_sdt.masks import expand_block_mask
 
 VOCAB = 96
@@ -137,6 +147,45 @@ def test_optimizer_steps_keep_inactive_weights_zero(arch):
         assert (layer.weight_out_in[element_mask] != 0).any(), name
 
 
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_compact_and_dense_storage_train_alike_under_the_controller(arch):
+    """The architecture grid, 6 AdamW steps with the controller, drop/grow by gradient every 2 steps: compact
+    storage (only the active blocks) chooses the same blocks and ends with the same weights as dense storage, and
+    its optimizer states are compact."""
+    results = []
+    for storage in ("dense", "compact"):
+        config = SDTConfig(density=0.25, schedule="constant", block_size=16, update_interval=2, update_end=1.0,
+                           grow_criterion="gradient", storage=storage)  # fmt: skip
+        model = get_sdt_model(build(arch), config)
+        model.train()
+        controller = SDTController(model, config, total_steps=6)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        churns = []
+        for step in range(6):
+            controller.begin_step(step)
+            ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(step))
+            kwargs = {"decoder_input_ids": ids} if model.config.is_encoder_decoder else {}
+            model(input_ids=ids, labels=ids, **kwargs).loss.backward()
+            controller.before_optimizer_step(optimizer)
+            optimizer.step()
+            optimizer.zero_grad()
+            controller.after_optimizer_step()
+            churns.append(controller.churn)
+        assert max(churns) > 0, "blocks moved"
+        results.append((model.state_dict(), optimizer, model))
+    (dense_state, _, _), (compact_state, optimizer, model) = results
+    assert sparsity_summary(model)["storage"] == "compact"
+    for key, value in dense_state.items():
+        if key.endswith("sdt_mask"):
+            assert torch.equal(compact_state[key], value), key
+        else:
+            torch.testing.assert_close(compact_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+    for name, layer in sdt_layers(model).items():
+        assert isinstance(layer, SDTCompactLinear), name
+        moments = [v for v in optimizer.state[layer.sdt_blocks].values() if v.dim()]
+        assert moments and all(v.shape == (int(layer.sdt_mask.sum()), 16, 16) for v in moments), name
+
+
 def test_initial_mask_keeps_the_largest_blocks():
     model = nn.Sequential(nn.Linear(32, 32, bias=False))
     with torch.no_grad():
@@ -203,7 +252,9 @@ def test_sparsity_summary(capsys):
     assert c_attn["shape"] == (192, 64) and c_attn["active_blocks"] == 12 and c_attn["total_blocks"] == 48
     print_sparsity_summary(model)
     printed = capsys.readouterr().out
-    assert "transformer.h.1.mlp.c_proj" in printed and "8 SDT layers" in printed
+    assert "transformer.h.1.mlp.c_proj" in printed and "8 SDT layers (weights mode, compact storage)" in printed
+    print_sparsity_summary(get_sdt_model(build("gpt2"), SDTConfig(density=0.25, block_size=16)))
+    assert "Dense storage: whole weights" in capsys.readouterr().out, "a gradual schedule says why it is dense"
     with pytest.raises(ValueError, match="get_sdt_model"):
         sparsity_summary(build("gpt2"))
 

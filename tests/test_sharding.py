@@ -88,7 +88,7 @@ def test_fsdp2_runs_match_one_process_save_full_checkpoints_and_resume(tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert all(torch.load(tmp_path / f"refused-rank{rank}.pt") for rank in (0, 1)), "different masks not refused"
     pretrained = tiny_gpt2().state_dict()
-    for mode in ("weights", "updates"):
+    for mode in ("weights", "weights-compact", "updates"):
         ranks = [torch.load(tmp_path / f"loop-{mode}-rank{rank}.pt") for rank in (0, 1)]
         model, probe = train_with_controller(mode)
         single = full_state_dict(model)

@@ -19,7 +19,7 @@ from sdt_helpers import (
 from transformers import TrainerCallback
 
 import hf_sdt
-from hf_sdt import SDTConfig, get_sdt_model, sdt_layers
+from hf_sdt import SDTCompactLinear, SDTConfig, get_sdt_model, sdt_layers
 from hf_sdt.controller import SDTController
 from hf_sdt.masks import expand_block_mask
 from hf_sdt.schedule import density_at, target_block_counts
@@ -50,6 +50,10 @@ class CountsFollowTheSchedule(TrainerCallback):
 
 def assert_zero_outside_masks(model, optimizer):
     for name, layer in sdt_layers(model).items():
+        if isinstance(layer, SDTCompactLinear):  # nothing is stored outside the blocks, optimizer states included
+            states = [v for v in optimizer.state[layer.sdt_blocks].values() if isinstance(v, torch.Tensor) and v.dim()]
+            assert states and all(value.shape == layer.sdt_blocks.shape for value in states), name
+            continue
         inactive = ~expand_block_mask(layer.sdt_mask, layer.block_size, (layer.out_features, layer.in_features))
         if layer.is_conv1d:
             inactive = inactive.t()
@@ -89,10 +93,14 @@ def test_sdt_trainer_on_real_text(tmp_path):
 
 @pytest.mark.parametrize(
     "mode,steps,save_at",
-    [("weights", 30, 15), ("updates", 14, 6)],  # updates mode: checkpoint between its selections at 4 and 8
+    [("weights", 30, 15), ("weights-compact", 30, 15), ("updates", 14, 6)],  # updates: between selections 4 and 8
 )
 def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, mode, steps, save_at):
-    config = make_config(grow_criterion="random", schedule_end=0.3) if mode == "weights" else make_updates_config()
+    config = {
+        "weights": make_config(grow_criterion="random", schedule_end=0.3),
+        "weights-compact": make_config(grow_criterion="random", schedule="constant"),
+        "updates": make_updates_config(),
+    }[mode]
     full = SDTTrainer(
         model=tiny_gpt2(),
         args=training_args(tmp_path / "full", max_steps=steps, save_strategy="steps", save_steps=save_at),
@@ -132,7 +140,7 @@ def run_plain_loop(config: SDTConfig, steps: int, poison_step: int | None = None
         batch = torch.stack([data[(step * 4 + i) % len(data)]["input_ids"] for i in range(4)])
         forward(input_ids=batch, labels=batch).loss.backward()
         if step == poison_step:
-            next(iter(sdt_layers(model).values())).weight.grad.fill_(float("nan"))
+            next(iter(sdt_layers(model).values())).weight_parameter.grad.fill_(float("nan"))
         controller.before_optimizer_step(optimizer)
         if step == poison_step:
             optimizer.zero_grad()  # keep the NaN out of the weights: the test is about the scores
@@ -191,7 +199,7 @@ def test_trainer_takes_a_converted_model_and_refuses_ambiguity(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["weights", "updates"])
+@pytest.mark.parametrize("mode", ["weights", "weights-compact", "updates"])
 def test_two_processes_agree_with_each_other_and_with_one(tmp_path, mode):
     """2 CPU processes (gloo) through `accelerate launch`, against one process with the same global batch (in
     updates mode only the ranks are compared: its block energies sum per micro-batch, so a different split of the

@@ -1,0 +1,190 @@
+"""Whole training steps of a SmolLM2-135M-shaped model, dense against SDT (weights mode), side by side.
+
+A Llama with SmolLM2-135M's shape (from its config, random init, tied embeddings: the 49152 x 576 output layer stays
+dense) trains from scratch with AdamW in fp32 on batches of 8 x 256 random tokens: dense, and converted with SDT at
+densities 0.5 / 0.25 / 0.1 (`schedule="constant"`, 64 x 64 blocks, all linear layers of the decoder blocks, so compact
+storage). Each step is forward, backward, `SDTController` bookkeeping and the optimizer step, each phase timed; the
+models take turns step by step in one process (after one warm-up step each) and each row is the median over
+`--repeats` steps. The trainable state of the SDT layers (parameters, gradients and AdamW moments, in elements) is
+counted against the same layers dense. With `--rss-steps N`, each of dense, SDT 0.25 and SDT 0.1 also trains N steps
+alone in a fresh process, whose peak resident memory is reported.
+
+    python benchmarks/bench_train_step.py --output benchmarks/results/train_step_cpu.md   # the issue's table
+    python benchmarks/bench_train_step.py --smoke                                          # a seconds-long check
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from bench_decode import SMOKE, SMOLLM2_135M
+from benchmark_report import finish_report
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_sdt import SDTConfig, SDTController, get_sdt_model, sdt_layers
+
+DENSITIES = (0.5, 0.25, 0.1)
+PHASES = ("forward", "backward", "sdt", "optimizer")
+
+
+def build(shape: dict, density: float | None, steps: int):
+    """A freshly initialised model (seed 0), dense or converted at `density`, with its AdamW and controller."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**shape)).train()
+    controller = None
+    if density is not None:
+        config = SDTConfig(density=density, block_size=64, schedule="constant", update_interval=10_000)
+        model = get_sdt_model(model, config)
+        controller = SDTController(model, config, total_steps=steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, controller, optimizer
+
+
+def train_step(model, controller, optimizer, batch: torch.Tensor, step: int) -> dict[str, float]:
+    """One step; the seconds of each phase."""
+    seconds, start = {}, time.perf_counter()
+    if controller is not None:
+        controller.begin_step(step)
+    loss = model(input_ids=batch, labels=batch).loss
+    seconds["forward"], start = time.perf_counter() - start, time.perf_counter()
+    loss.backward()
+    seconds["backward"], start = time.perf_counter() - start, time.perf_counter()
+    if controller is not None:
+        controller.before_optimizer_step(optimizer)
+    seconds["sdt"], start = time.perf_counter() - start, time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    seconds["optimizer"], start = time.perf_counter() - start, time.perf_counter()
+    if controller is not None:
+        controller.after_optimizer_step()
+    seconds["sdt"] += time.perf_counter() - start
+    return seconds
+
+
+def targeted_state_elements(model, optimizer) -> int:
+    """Elements of the SDT layers' trainable tensors, their gradients (as after backward) and AdamW moments."""
+    total = 0
+    for layer in sdt_layers(model).values():
+        for parameter in layer.parameters():
+            if parameter.requires_grad:
+                state = optimizer.state.get(parameter, {})
+                moments = sum(v.numel() for v in state.values() if isinstance(v, torch.Tensor) and v.dim())
+                total += 2 * parameter.numel() + moments  # the parameter and its gradient
+    return total
+
+
+def dense_state_elements(model) -> int:
+    """The same count for the targeted layers dense: weight and bias, their gradients and two AdamW moments."""
+    return sum(
+        4 * (layer.out_features * layer.in_features + (layer.bias.numel() if layer.bias is not None else 0))
+        for layer in sdt_layers(model).values()
+    )
+
+
+def batches(shape: dict, tokens: int, count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(shape["vocab_size"], (8, tokens), generator=generator) for _ in range(count)]
+
+
+def peak_rss_of(name: str, steps: int, smoke: bool) -> float:
+    """Peak resident memory (MB) of a fresh process that builds `name` and trains it for `steps` steps."""
+    command = [sys.executable, __file__, "--rss-of", name, "--rss-steps", str(steps)] + (["--smoke"] if smoke else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def train_alone(name: str, steps: int, shape: dict, tokens: int) -> float:
+    density = None if name == "dense" else float(name.split()[1])
+    model, controller, optimizer = build(shape, density, steps)
+    for step, batch in enumerate(batches(shape, tokens, steps)):
+        train_step(model, controller, optimizer, batch, step)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=256, help="sequence length (batch 8)")
+    parser.add_argument("--rss-steps", type=int, default=0, help="also measure peak RSS over this many steps")
+    parser.add_argument("--rss-of", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and 2 steps: checks the script runs")
+    parser.add_argument("--output", help="write the report here (markdown)")
+    args = parser.parse_args()
+    shape = SMOKE if args.smoke else SMOLLM2_135M
+    if args.smoke:
+        args.repeats, args.tokens = 1, 32
+    torch.set_num_threads(torch.get_num_threads())
+    if args.rss_of:
+        print(train_alone(args.rss_of, args.rss_steps, shape, args.tokens))
+        return
+
+    names = ["dense", *(f"SDT {density}" for density in DENSITIES)]
+    runs = {
+        name: build(shape, None if name == "dense" else float(name.split()[1]), args.repeats + 1) for name in names
+    }
+    data = batches(shape, args.tokens, args.repeats + 1)
+    times = {name: [] for name in names}
+    for step, batch in enumerate(data):  # step 0 warms up (and creates the AdamW states)
+        for name, (model, controller, optimizer) in runs.items():
+            seconds = train_step(model, controller, optimizer, batch, step)
+            if step:
+                times[name].append(seconds)
+    medians = {
+        name: {phase: statistics.median(t[phase] for t in rows) for phase in PHASES} | {
+            "step": statistics.median(sum(t.values()) for t in rows)
+        }
+        for name, rows in times.items()
+    }  # fmt: skip
+    dense_step = medians["dense"]["step"]
+    lines = [
+        f"# Whole training steps, dense vs SDT ({datetime.date.today()}, "
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})",
+        "",
+        f"{'SmolLM2-135M' if not args.smoke else 'smoke'} shape, random init, AdamW fp32, batch 8 x {args.tokens} "
+        f"tokens, 64 x 64 blocks, constant schedule (compact storage); median of {args.repeats} steps per model, "
+        "models alternating step by step in one process.",
+        "",
+        "| model | step (s) | vs dense | forward | backward | SDT bookkeeping | optimizer | SDT-layer state |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    report = {"shape": shape, "tokens": args.tokens, "repeats": args.repeats, "rows": {}}
+    for name, (model, _, optimizer) in runs.items():
+        row = medians[name]
+        state = (
+            "1.000"
+            if name == "dense"
+            else f"{targeted_state_elements(model, optimizer) / dense_state_elements(model):.4f}"
+        )
+        lines.append(
+            f"| {name} | {row['step']:.2f} | {dense_step / row['step']:.2f}x | {row['forward']:.2f} | "
+            f"{row['backward']:.2f} | {row['sdt']:.3f} | {row['optimizer']:.2f} | {state} |"
+        )
+        report["rows"][name] = {**row, "speedup": dense_step / row["step"], "state_ratio": state}
+    if args.rss_steps:
+        lines += ["", f"Peak RSS of {args.rss_steps} steps, each model alone in a fresh process:", ""]
+        for name in ("dense", "SDT 0.25", "SDT 0.1"):
+            rss = peak_rss_of(name, args.rss_steps, args.smoke)
+            report["rows"][name]["peak_rss_mb"] = rss
+            lines.append(f"- {name}: {rss:.0f} MB")
+    lines += [
+        "",
+        "`vs dense`: the dense step time over the model's. `SDT-layer state`: elements of the SDT layers' parameters, "
+        "gradients and AdamW moments over those of the same layers dense (block indices not counted).",
+    ]
+    if args.output:
+        with open(args.output.removesuffix(".md") + ".json", "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+    finish_report(lines, args.output)
+
+
+if __name__ == "__main__":
+    main()
