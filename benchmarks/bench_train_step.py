@@ -5,9 +5,11 @@ dense) trains from scratch with AdamW in fp32 on batches of 8 x 256 random token
 densities 0.5 / 0.25 / 0.1 (`schedule="constant"`, 64 x 64 blocks, all linear layers of the decoder blocks, so compact
 storage). Each step is forward, backward, `SDTController` bookkeeping and the optimizer step, each phase timed; the
 models take turns step by step in one process (after one warm-up step each) and each row is the median over
-`--repeats` steps. The trainable state of the SDT layers (parameters, gradients and AdamW moments, in elements) is
-counted against the same layers dense. With `--rss-steps N`, each of dense, SDT 0.25 and SDT 0.1 also trains N steps
-alone in a fresh process, whose peak resident memory is reported.
+`--repeats` steps. A last model keeps one block per layer: what a step costs when the SDT layers cost (almost)
+nothing, the bound on any speed-up of these layers (the output layer, attention, norms, activations, the loss and
+the optimizer of the embeddings remain). The trainable state of the SDT layers (parameters, gradients and AdamW
+moments, in elements) is counted against the same layers dense. With `--rss-steps N`, each of dense, SDT 0.25 and
+SDT 0.1 also trains N steps alone in a fresh process, whose peak resident memory is reported.
 
     python benchmarks/bench_train_step.py --output benchmarks/results/train_step_cpu.md   # the issue's table
     python benchmarks/bench_train_step.py --smoke                                          # a seconds-long check
@@ -24,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 from bench_decode import SMOKE, SMOLLM2_135M
@@ -33,7 +36,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hf_sdt import SDTConfig, SDTController, get_sdt_model, sdt_layers
 
 DENSITIES = (0.5, 0.25, 0.1)
+FLOOR = "SDT 1 block/layer"
+ONE_BLOCK = 1e-9  # max(1, round(density * blocks)) = 1 block per layer
 PHASES = ("forward", "backward", "sdt", "optimizer")
+
+
+def density_of(name: str) -> float | None:
+    """The density of a model row: "dense" (None), "SDT 0.25", or the one-block floor."""
+    return None if name == "dense" else ONE_BLOCK if name == FLOOR else float(name.split()[1])
 
 
 def build(shape: dict, density: float | None, steps: int):
@@ -43,7 +53,9 @@ def build(shape: dict, density: float | None, steps: int):
     controller = None
     if density is not None:
         config = SDTConfig(density=density, block_size=64, schedule="constant", update_interval=10_000)
-        model = get_sdt_model(model, config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the floor's density rounds up to one block per layer, as meant
+            model = get_sdt_model(model, config)
         controller = SDTController(model, config, total_steps=steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, controller, optimizer
@@ -103,8 +115,7 @@ def peak_rss_of(name: str, steps: int, smoke: bool) -> float:
 
 
 def train_alone(name: str, steps: int, shape: dict, tokens: int) -> float:
-    density = None if name == "dense" else float(name.split()[1])
-    model, controller, optimizer = build(shape, density, steps)
+    model, controller, optimizer = build(shape, density_of(name), steps)
     for step, batch in enumerate(batches(shape, tokens, steps)):
         train_step(model, controller, optimizer, batch, step)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
@@ -127,10 +138,8 @@ def main() -> None:
         print(train_alone(args.rss_of, args.rss_steps, shape, args.tokens))
         return
 
-    names = ["dense", *(f"SDT {density}" for density in DENSITIES)]
-    runs = {
-        name: build(shape, None if name == "dense" else float(name.split()[1]), args.repeats + 1) for name in names
-    }
+    names = ["dense", *(f"SDT {density}" for density in DENSITIES), FLOOR]
+    runs = {name: build(shape, density_of(name), args.repeats + 1) for name in names}
     data = batches(shape, args.tokens, args.repeats + 1)
     times = {name: [] for name in names}
     for step, batch in enumerate(data):  # step 0 warms up (and creates the AdamW states)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything GPU-related, in one call of at most 8 minutes on the lent GPU machine (see the brief):
-#   1. the kernel, functional and layer tests on the GPU (real Triton kernels, bf16 included, the compact
-#      weight-gradient kernel of updates mode too);
+#   1. the kernel, functional and layer tests on the GPU (real Triton kernels, bf16 included: the products on a
+#      dense weight and on a compact block store, and the compact weight-gradient kernel of both modes);
 #   2. benchmarks/bench_kernels_gpu.py: bf16 correctness on large shapes, then the fwd+bwd timing table against
 #      cuBLAS and PyTorch's BSR kernels, written to $OUT (or benchmarks/results/) with the GPU name and date;
 #   3. benchmarks/bench_e2e_gpu.py: SDTTrainer vs Trainer tokens/s and peak memory on a 1.1B Llama-style model, bf16:

@@ -157,6 +157,25 @@ def dense_weight(weight: torch.Tensor, layout) -> torch.Tensor:
     return dense
 
 
+def _sum_into(out: torch.Tensor, products, strips) -> torch.Tensor:
+    """out[:, lo:hi] = the sum of a @ b over the `products` (lo, hi, a, b) of each strip, in place, with no zero fill
+    of `out` first (an uninitialised tensor: the first product of a strip overwrites it, beta=0); the `strips`
+    (lo, hi) that no product reaches are zeroed. Zero-filling a (T, out) output costs as much as a quarter of a
+    blocked forward at density 0.1 on a CPU."""
+    written = set()
+    for lo, hi, a, b in products:
+        out[:, lo:hi].addmm_(a, b, beta=int(lo in written))
+        written.add(lo)
+    for lo, hi in strips:
+        if lo not in written:
+            out[:, lo:hi].zero_()
+    return out
+
+
+def _strips(size: int, side: int) -> list[tuple[int, int]]:
+    return [(start, min(start + side, size)) for start in range(0, size, side)]
+
+
 class BlockedTorchOps:
     """The blocked PyTorch products on a `BlockedLayout` (dense weight) or a `CompactLayout` (compact store).
 
@@ -167,18 +186,23 @@ class BlockedTorchOps:
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, layout) -> torch.Tensor:
-        out = x.new_zeros(x.shape[0], layout.shape[0])  # (T, out)
-        for (r0, r1, c0, c1), tile in zip(layout.blocks, block_tiles(weight, layout), strict=True):
-            out[:, r0:r1].addmm_(x[:, c0:c1], tile.t())
-        return out
+        out = x.new_empty(x.shape[0], layout.shape[0])  # (T, out)
+        products = (
+            (r0, r1, x[:, c0:c1], tile.t())
+            for (r0, r1, c0, c1), tile in zip(layout.blocks, block_tiles(weight, layout), strict=True)
+        )
+        return _sum_into(out, products, _strips(layout.shape[0], layout.block[0]))
 
     @staticmethod
     def backward(grad_out, x, weight, layout, need_x: bool, need_w: bool):
         grad_x = grad_w = None
         if need_x:
-            grad_x = grad_out.new_zeros(grad_out.shape[0], layout.shape[1])  # (T, in)
-            for (r0, r1, c0, c1), tile in zip(layout.blocks, block_tiles(weight, layout), strict=True):
-                grad_x[:, c0:c1].addmm_(grad_out[:, r0:r1], tile)
+            grad_x = grad_out.new_empty(grad_out.shape[0], layout.shape[1])  # (T, in)
+            products = (
+                (c0, c1, grad_out[:, r0:r1], tile)
+                for (r0, r1, c0, c1), tile in zip(layout.blocks, block_tiles(weight, layout), strict=True)
+            )
+            _sum_into(grad_x, products, _strips(layout.shape[1], layout.block[1]))
         if need_w and weight.dim() == 3:
             grad_w = compact_grad_torch(grad_out, x, layout)
         elif need_w:
@@ -724,8 +748,9 @@ def compact_grad_torch(grad_out: torch.Tensor, x: torch.Tensor, layout: CompactL
     """
     n_slots, block = layout.block_rows.numel(), layout.block
     grad = grad_out.new_zeros(n_slots, *block)  # (n, rows, cols)
-    padded_t = grad_out.new_zeros(layout.grid[0] * block[0], grad_out.shape[0])  # (R * rows, T)
+    padded_t = grad_out.new_empty(layout.grid[0] * block[0], grad_out.shape[0])  # (R * rows, T)
     padded_t[: layout.shape[0]] = grad_out.t()
+    padded_t[layout.shape[0] :].zero_()
     for c0, c1, padded_rows, slots in layout.col_groups:
         products = padded_t.index_select(0, padded_rows) @ x[:, c0:c1]  # (m * rows, T) @ (T, w)
         grad[:, :, : c1 - c0].index_copy_(0, slots, products.view(slots.numel(), block[0], c1 - c0))
