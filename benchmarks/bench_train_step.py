@@ -21,7 +21,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -118,7 +117,9 @@ def train_alone(name: str, steps: int, shape: dict, tokens: int) -> float:
     model, controller, optimizer = build(shape, density_of(name), steps)
     for step, batch in enumerate(batches(shape, tokens, steps)):
         train_step(model, controller, optimizer, batch, step)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
+    # VmHWM, not getrusage's ru_maxrss: that one starts from the parent's peak at fork.
+    with open("/proc/self/status", encoding="utf-8") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB -> MB
 
 
 def main() -> None:

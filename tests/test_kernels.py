@@ -56,28 +56,6 @@ def test_kernels_match_reference(shape, block, mask_kind, dtype, tol, block_mask
         assert (got_w[~expand_block_mask(mask, block, shape)] == 0).all()
 
 
-@pytest.mark.parametrize("shape,block", SHAPES)
-@pytest.mark.parametrize("count", [1, 3, "all"])
-@pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_compact_grad_kernel_matches_reference(shape, block, count, dtype, tol):
-    """Updates mode's dW, written compact (one slot per block, slots in any order), against the dense oracle."""
-    generator = torch.Generator().manual_seed(4)
-    grid = block_grid(shape, block)
-    ids = torch.randperm(grid[0] * grid[1], generator=generator)[: grid[0] * grid[1] if count == "all" else count]
-    x = torch.randn(45, shape[1], generator=generator).to(DEVICE, dtype)
-    grad_out = torch.randn(45, shape[0], generator=generator).to(DEVICE, dtype)
-    _, _, grad_w = reference_products(
-        x, torch.zeros(shape, device=DEVICE), grad_out, torch.ones(grid, dtype=torch.bool), block
-    )
-    want = gather_blocks(grad_w, ids.to(DEVICE), block)
-    rows, cols = (ids // grid[1]).to(DEVICE), (ids % grid[1]).to(DEVICE)
-    for target_programs in (1, 10_000):
-        got = kernels.block_sparse_grad_compact(grad_out, x, rows, cols, grid, block, target_programs)
-        assert got.shape == (ids.numel(), *block)
-        assert_close(got, want, tol)
-        assert (got.float()[want == 0] == 0).all(), "the padding of edge blocks stays zero"
-
-
 def test_strided_weight_as_in_conv1d():
     weight_in_out = torch.randn(72, 100, device=DEVICE)  # Conv1D storage; the kernels read its transpose
     mask = torch.rand(block_grid((100, 72), (32, 32)), generator=torch.Generator().manual_seed(1)) < 0.6
@@ -208,19 +186,30 @@ def test_sparse_update_linear_triton_backend_end_to_end():
 @pytest.mark.parametrize("shape,block", SHAPES)
 @pytest.mark.parametrize("count", [1, 3, "all"])
 @pytest.mark.parametrize("dtype,tol", DTYPES)
-def test_kernels_read_a_compact_store(shape, block, count, dtype, tol):
-    """Weights mode with compact storage: forward and dX read the blocks from their slots (in any order)."""
+def test_compact_store_kernels_match_reference(shape, block, count, dtype, tol):
+    """A compact block store (weights mode's compact storage, updates mode's updates), slots in any order: forward
+    and dX read the blocks from their slots, dW is written into them (padding of edge slots zero)."""
     generator = torch.Generator().manual_seed(7)
     grid = block_grid(shape, block)
     ids = torch.randperm(grid[0] * grid[1], generator=generator)[: grid[0] * grid[1] if count == "all" else count]
-    weight = torch.randn(shape, generator=generator) * expand_block_mask(mask_of(ids, grid), block, shape)
+    mask = mask_of(ids, grid)
+    weight = torch.randn(shape, generator=generator) * expand_block_mask(mask, block, shape)
     blocks = gather_blocks(weight, ids, block).to(DEVICE, dtype)  # (n, rows, cols), padding zero
     x = torch.randn(45, shape[1], generator=generator).to(DEVICE, dtype)
     grad_out = torch.randn(45, shape[0], generator=generator).to(DEVICE, dtype)
-    meta = kernels.build_compact_metadata(ids.to(DEVICE), grid)
-    out, grad_x, _ = reference_products(x, weight.to(DEVICE, dtype), grad_out, mask_of(ids, grid).to(DEVICE), block)
+    ids = ids.to(DEVICE)
+    meta = kernels.build_compact_metadata(ids, grid)
+    out, grad_x, grad_w = reference_products(x, weight.to(DEVICE, dtype), grad_out, mask.to(DEVICE), block)
     assert_close(kernels.block_sparse_forward(x, blocks, meta, block, shape[0]), out, tol)
     assert_close(kernels.block_sparse_grad_input(grad_out, blocks, meta, block, shape[1]), grad_x, tol)
+    want = gather_blocks(grad_w, ids, block)
+    for target_programs in (1, 10_000):  # one program per block, then the split token reduction
+        got = kernels.block_sparse_grad_compact(
+            grad_out, x, ids // grid[1], ids % grid[1], grid, block, target_programs
+        )
+        assert got.shape == (ids.numel(), *block)
+        assert_close(got, want, tol)
+        assert (got.float()[want == 0] == 0).all(), "the padding of edge slots stays zero"
 
 
 def test_compact_linear_triton_backend_end_to_end():
