@@ -122,9 +122,50 @@ def train_alone(name: str, steps: int, shape: dict, tokens: int) -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB -> MB
 
 
+def timing_table(shape: dict, tokens: int, repeats: int) -> tuple[list[str], dict]:
+    """The models' step times, alternating step by step in this process; the report's lines and rows."""
+    names = ["dense", *(f"SDT {density}" for density in DENSITIES), FLOOR]
+    runs = {name: build(shape, density_of(name), repeats + 1) for name in names}
+    times = {name: [] for name in names}
+    for step, batch in enumerate(batches(shape, tokens, repeats + 1)):  # step 0 warms up (and creates AdamW states)
+        for name, (model, controller, optimizer) in runs.items():
+            seconds = train_step(model, controller, optimizer, batch, step)
+            if step:
+                times[name].append(seconds)
+    medians = {
+        name: {phase: statistics.median(t[phase] for t in rows) for phase in PHASES} | {
+            "step": statistics.median(sum(t.values()) for t in rows)
+        }
+        for name, rows in times.items()
+    }  # fmt: skip
+    dense_step = medians["dense"]["step"]
+    lines = [
+        "",
+        f"Median of {repeats} steps per model, models alternating step by step in one process.",
+        "",
+        "| model | step (s) | vs dense | forward | backward | SDT bookkeeping | optimizer | SDT-layer state |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = {}
+    for name, (model, _, optimizer) in runs.items():
+        row = medians[name]
+        state = 1.0 if name == "dense" else targeted_state_elements(model, optimizer) / dense_state_elements(model)
+        lines.append(
+            f"| {name} | {row['step']:.2f} | {dense_step / row['step']:.2f}x | {row['forward']:.2f} | "
+            f"{row['backward']:.2f} | {row['sdt']:.3f} | {row['optimizer']:.2f} | {state:.4f} |"
+        )
+        rows[name] = {**row, "speedup": dense_step / row["step"], "state_ratio": state}
+    lines += [
+        "",
+        "`vs dense`: the dense step time over the model's. `SDT-layer state`: elements of the SDT layers' parameters, "
+        "gradients and AdamW moments over those of the same layers dense (block indices not counted).",
+    ]
+    return lines, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per model (0: peak RSS only)")
     parser.add_argument("--tokens", type=int, default=256, help="sequence length (batch 8)")
     parser.add_argument("--rss-steps", type=int, default=0, help="also measure peak RSS over this many steps")
     parser.add_argument("--rss-of", help=argparse.SUPPRESS)
@@ -139,57 +180,23 @@ def main() -> None:
         print(train_alone(args.rss_of, args.rss_steps, shape, args.tokens))
         return
 
-    names = ["dense", *(f"SDT {density}" for density in DENSITIES), FLOOR]
-    runs = {name: build(shape, density_of(name), args.repeats + 1) for name in names}
-    data = batches(shape, args.tokens, args.repeats + 1)
-    times = {name: [] for name in names}
-    for step, batch in enumerate(data):  # step 0 warms up (and creates the AdamW states)
-        for name, (model, controller, optimizer) in runs.items():
-            seconds = train_step(model, controller, optimizer, batch, step)
-            if step:
-                times[name].append(seconds)
-    medians = {
-        name: {phase: statistics.median(t[phase] for t in rows) for phase in PHASES} | {
-            "step": statistics.median(sum(t.values()) for t in rows)
-        }
-        for name, rows in times.items()
-    }  # fmt: skip
-    dense_step = medians["dense"]["step"]
     lines = [
         f"# Whole training steps, dense vs SDT ({datetime.date.today()}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})",
         "",
         f"{'SmolLM2-135M' if not args.smoke else 'smoke'} shape, random init, AdamW fp32, batch 8 x {args.tokens} "
-        f"tokens, 64 x 64 blocks, constant schedule (compact storage); median of {args.repeats} steps per model, "
-        "models alternating step by step in one process.",
-        "",
-        "| model | step (s) | vs dense | forward | backward | SDT bookkeeping | optimizer | SDT-layer state |",
-        "|---|---|---|---|---|---|---|---|",
+        "tokens, 64 x 64 blocks, constant schedule (compact storage).",
     ]
     report = {"shape": shape, "tokens": args.tokens, "repeats": args.repeats, "rows": {}}
-    for name, (model, _, optimizer) in runs.items():
-        row = medians[name]
-        state = (
-            "1.000"
-            if name == "dense"
-            else f"{targeted_state_elements(model, optimizer) / dense_state_elements(model):.4f}"
-        )
-        lines.append(
-            f"| {name} | {row['step']:.2f} | {dense_step / row['step']:.2f}x | {row['forward']:.2f} | "
-            f"{row['backward']:.2f} | {row['sdt']:.3f} | {row['optimizer']:.2f} | {state} |"
-        )
-        report["rows"][name] = {**row, "speedup": dense_step / row["step"], "state_ratio": state}
+    if args.repeats:
+        table, report["rows"] = timing_table(shape, args.tokens, args.repeats)
+        lines += table
     if args.rss_steps:
-        lines += ["", f"Peak RSS of {args.rss_steps} steps, each model alone in a fresh process:", ""]
+        lines += ["", f"Peak RSS (VmHWM) of {args.rss_steps} steps, each model alone in a fresh process:", ""]
         for name in ("dense", "SDT 0.25", "SDT 0.1"):
             rss = peak_rss_of(name, args.rss_steps, args.smoke)
-            report["rows"][name]["peak_rss_mb"] = rss
+            report["rows"].setdefault(name, {})["peak_rss_mb"] = rss
             lines.append(f"- {name}: {rss:.0f} MB")
-    lines += [
-        "",
-        "`vs dense`: the dense step time over the model's. `SDT-layer state`: elements of the SDT layers' parameters, "
-        "gradients and AdamW moments over those of the same layers dense (block indices not counted).",
-    ]
     if args.output:
         with open(args.output.removesuffix(".md") + ".json", "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)

@@ -250,7 +250,8 @@ class SDTCompactLinear(SDTLinear):
         dense = SDTLayer.weight_out_in.fget(self).detach()  # the wrapped layer's weight, still held
         blocks = gather_blocks(dense, self.sdt_block_ids, self.block_size)
         requires_grad = self.weight.requires_grad
-        del self.weight  # only the active blocks are kept
+        del self.weight  # only the active blocks are kept: neither this layer nor the held base layer keeps the rest
+        self.__dict__["base_layer"].weight = None  # `unload` gives it a dense weight again
         self.sdt_blocks = nn.Parameter(blocks.contiguous(), requires_grad=requires_grad)
         self._register_state_dict_hook(_dense_weight_into_state_dict)
         self.register_load_state_dict_pre_hook(_compact_weight_from_state_dict)

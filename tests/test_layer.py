@@ -1,5 +1,7 @@
 import copy
+import gc
 import pickle
+import weakref
 
 import pytest
 import torch
@@ -317,3 +319,14 @@ def test_torch_compile_traces_sdt_layers_like_dense_ones(storage):
     assert sdt_counts == dense_counts and sdt_counts["breaks"] == 0, (sdt_counts, dense_counts)
     for compiled, eager in sdt_results:
         torch.testing.assert_close(compiled, eager)
+
+
+def test_a_compact_layer_keeps_no_dense_weight_alive():
+    base = make_base("linear", 70, 50, bias=True)
+    dense_weight = weakref.ref(base.weight)
+    layer = SDTCompactLinear(base, (16, 32), torch.eye(4, 3, dtype=torch.bool), "torch")
+    del base
+    gc.collect()
+    assert dense_weight() is None, "the converted layer's dense weight must be freed"
+    assert sum(p.numel() for p in layer.parameters()) == 3 * 16 * 32 + 50
+    assert layer.unload().weight.shape == (50, 70)
