@@ -4,13 +4,18 @@ A SmolLM2-135M-shaped Llama (from its config, random weights, tied embeddings: t
 dense) generates `--new-tokens` tokens after a 32-token prompt, at batch 1 and 8; the SDT copies are the dense model
 converted at each density with 64 x 64 blocks (`schedule="constant"`, all linear layers of the blocks). The runs
 alternate in one process (dense, SDT 0.5, 0.25, 0.1, then again), and each row reports the median of `--repeats`.
-With `--compile`, each model's forward is also compiled (`torch.compile`, inductor) and timed after a warm-up
-generation (compile time is not counted).
+With `--compile`, each model's forward is also compiled (`torch.compile`, inductor, into a fresh cache directory)
+and timed after a warm-up generation of 8 tokens; the warm-up's time, compilation included, has its own column.
 
     python benchmarks/bench_decode.py --output benchmarks/results/decode_cpu.md   # the issue's table (CPU)
-    python benchmarks/bench_decode.py --compile                                   # also compiled
+    python benchmarks/bench_decode.py --compile --batches 1 --new-tokens 32 --repeats 2 \
+        --output benchmarks/results/decode_cpu_compiled.md                        # also compiled (CPU)
     python benchmarks/bench_decode.py --device cuda                               # on a GPU (gpu_check.sh)
     python benchmarks/bench_decode.py --smoke                                     # seconds-long check of the script
+
+Compiled, only batch 1 was measured on the CPU: a run with batch 8 as well had not finished after 40 minutes (an
+attempt before it, with dynamo's default limit of 8 graphs per code object, had hit that limit on recompilations
+guarded on the strides of the key/value cache).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -51,6 +57,9 @@ def build_models(shape: dict, densities, compile_models: bool, device: str) -> d
         config = SDTConfig(density=density, block_size=64, schedule="constant")
         models[f"SDT {density}"] = get_sdt_model(copy.deepcopy(dense), config).eval()
     if compile_models:
+        # All models share one compiled code object (the model class's forward), each with its own graphs (prompt,
+        # then one token, per batch size): more than dynamo's default limit of 8, past which it runs them eagerly.
+        torch._dynamo.config.recompile_limit = 64
         for name, model in list(models.items()):
             compiled = copy.copy(model)  # the same modules and weights, its own forward
             compiled.forward = torch.compile(model.forward)
@@ -73,8 +82,7 @@ def time_generate(model, prompt: torch.Tensor, new_tokens: int) -> float:
 
 def measure(models: dict, batch: int, new_tokens: int, repeats: int, vocab: int, device: str) -> list[dict]:
     prompt = torch.randint(vocab, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(batch)).to(device)
-    for model in models.values():  # warm-up, and compilation of the compiled ones
-        time_generate(model, prompt, min(new_tokens, 8))
+    warm_up = {name: time_generate(model, prompt, min(new_tokens, 8)) for name, model in models.items()}  # compiles
     times = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
@@ -86,6 +94,7 @@ def measure(models: dict, batch: int, new_tokens: int, repeats: int, vocab: int,
         rows.append({
             "model": name, "batch": batch, "new_tokens": new_tokens, "seconds": seconds,
             "tokens_per_second": batch * new_tokens / seconds, "speedup_vs_dense": baseline / seconds,
+            "warm_up_seconds": warm_up[name],
         })  # fmt: skip
     return rows
 
@@ -101,6 +110,8 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="write the Markdown table here (and a .json beside it)")
     args = parser.parse_args()
     shape = SMOKE if args.smoke else SMOLLM2_135M
+    if args.compile:  # compilation starts cold, as in a fresh environment
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_decode_inductor_")
     new_tokens, repeats = (4, 1) if args.smoke else (args.new_tokens, args.repeats)
     models = build_models(shape, DENSITIES, args.compile, args.device)
     rows = [
@@ -117,12 +128,12 @@ def main() -> None:
         f"{datetime.date.today()}, {machine}, torch {torch.__version__}, fp32; {PROMPT_TOKENS}-token prompt, "
         f"{new_tokens} new tokens, median of {repeats}.",
         "",
-        "| model | batch | seconds | tokens/s | speed-up vs dense |",
-        "|---|---:|---:|---:|---:|",
+        "| model | batch | seconds | tokens/s | speed-up vs dense | warm-up s (compilation included) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {row['model']} | {row['batch']} | {row['seconds']:.2f} | {row['tokens_per_second']:.1f} | "
-        f"{row['speedup_vs_dense']:.2f}x |"
+        f"{row['speedup_vs_dense']:.2f}x | {row['warm_up_seconds']:.1f} |"
         for row in rows
     ]
     finish_report(lines, args.output)

@@ -10,9 +10,11 @@ is zero outside its active blocks:
 - ``triton``: the GPU kernels of ``hf_sdt.kernels``.
 
 The ``torch`` and ``triton`` products run inside the custom op ``hf_sdt::block_sparse_mm`` (and its backward), so
-that torch.compile traces them as single nodes with the mask as a tensor input. The same products take either
-storage of the weight: dense (out, in) with its block mask, or a compact (n, block_rows, block_cols) store with its
-block ids (see `hf_sdt.blocks`), whose gradient is compact too.
+that torch.compile traces them as single nodes with the mask as a tensor input; only inference on a few tokens with
+a compact store is traced as plain tensor ops (`compact_few_tokens_traced`), which the compiled graph runs without
+the per-call dispatch of the custom op. The same products take either storage of the weight: dense (out, in) with
+its block mask, or a compact (n, block_rows, block_cols) store with its block ids (see `hf_sdt.blocks`), whose
+gradient is compact too.
 
 Updates mode (`sparse_update_linear`): the weight W = base + U is dense and frozen, the trainable updates U live in
 a compact (n, block_rows, block_cols) store (see `hf_sdt.blocks`). Forward and dX are one dense GEMM each on W;
@@ -23,12 +25,12 @@ the gradient of U is dY^T X at its blocks only, written compact (blocked torch p
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .blocks import block_ids_of, element_positions, gather_blocks, mask_of, scatter_blocks_, zero_inactive_blocks_
 from .config import BACKENDS
@@ -267,23 +269,13 @@ class DenseTorchOps:
 
 
 class FewTokensOps:
-    """Y = X W^T for a few tokens (decoding) reading only the active blocks: gather them into (n, rows, cols), one
-    batched product, then one small GEMM that sums the slots of each block-row (an index_add_ of these few values
-    costs 30 us on a CPU). A handful of tensor ops whatever the number of blocks, where the blocked path would run
-    one GEMM per block; memory traffic about `density` of the weight's bytes. Inference only (no backward)."""
+    """Y = X W^T for a few tokens (decoding) reading only the active blocks: `few_tokens_product` of the gathered
+    blocks of a dense weight, or of a compact store as it is. Inference only (no backward)."""
 
     @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, layout: BlockedLayout) -> torch.Tensor:
-        tokens, (block_rows, block_cols), grid = x.shape[0], layout.block, block_grid(layout.shape, layout.block)
+    def forward(x: torch.Tensor, weight: torch.Tensor, layout) -> torch.Tensor:
         blocks = FewTokensOps.active_blocks(weight, layout)  # (n, rows, cols)
-        if x.shape[1] % block_cols:
-            x = F.pad(x, (0, grid[1] * block_cols - x.shape[1]))  # (T, C * cols)
-        x_blocks = x.view(tokens, grid[1], block_cols).index_select(1, layout.block_cols)  # (T, n, cols)
-        products = torch.bmm(x_blocks.transpose(0, 1), blocks.transpose(1, 2))  # (n, T, rows)
-        row_sums = layout.row_sums if layout.row_sums.dtype == x.dtype else layout.row_sums.to(x.dtype)
-        out = torch.mm(row_sums, products.view(-1, tokens * block_rows))  # (R, n) @ (n, T * rows)
-        out = out.view(grid[0], tokens, block_rows).transpose(0, 1).reshape(tokens, -1)  # (T, R * rows)
-        return out[:, : layout.shape[0]]  # (T, out)
+        return few_tokens_product(x, blocks, layout.block_cols, layout.row_sums, layout.shape[0])
 
     @staticmethod
     def active_blocks(weight: torch.Tensor, layout) -> torch.Tensor:
@@ -298,6 +290,43 @@ class FewTokensOps:
             if weight.t().is_contiguous():  # a Conv1D weight, stored (in, out)
                 return weight.t().view(-1, rows).index_select(0, in_rows).view(-1, cols, rows).transpose(1, 2)
         return gather_blocks(weight, layout.block_ids, layout.block)
+
+
+def few_tokens_product(
+    x: torch.Tensor, blocks: torch.Tensor, block_cols: torch.Tensor, row_sums: torch.Tensor, out_features: int
+) -> torch.Tensor:
+    """Y = X W^T for a few tokens x (T, in) from the active blocks (n, rows, cols) of W alone: gather each block's
+    slice of X, one batched product, then one small GEMM with the 0/1 matrix `row_sums` (R, n) that sums the
+    slots of each block-row (an index_add_ of these few values costs 30 us on a CPU). `block_cols` (n,) are the
+    blocks' block-columns. A handful of tensor ops whatever the number of blocks, where the blocked path would run
+    one GEMM per block; memory traffic about `density` of the weight's bytes.
+
+    Example:
+        >>> blocks, x = torch.ones(2, 2, 2), torch.ones(1, 4)  # blocks (0, 1) and (1, 1) of a 4 x 4 weight
+        >>> few_tokens_product(x, blocks, torch.tensor([1, 1]), torch.eye(2), 4)
+        tensor([[2., 2., 2., 2.]])
+    """
+    tokens, (_, block_rows, block_cols_size) = x.shape[0], blocks.shape
+    if x.shape[1] % block_cols_size:
+        x = F.pad(x, (0, block_cols_size - x.shape[1] % block_cols_size))  # (T, C * cols)
+    x_blocks = x.view(tokens, -1, block_cols_size).index_select(1, block_cols)  # (T, n, cols)
+    products = torch.bmm(x_blocks.transpose(0, 1), blocks.transpose(1, 2))  # (n, T, rows)
+    out = torch.mm(row_sums.to(x.dtype), products.view(-1, tokens * block_rows))  # (R, n) @ (n, T * rows)
+    if tokens == 1:  # (R, rows) is already the row-major (1, R * rows)
+        out = out.view(1, -1)
+    else:
+        out = out.view(-1, tokens, block_rows).transpose(0, 1).reshape(tokens, -1)  # (T, R * rows)
+    return out if out.shape[1] == out_features else out[:, :out_features]  # (T, out)
+
+
+def compact_few_tokens_traced(x: torch.Tensor, blocks: torch.Tensor, block_ids: torch.Tensor, out_features: int):
+    """`few_tokens_product` of a compact store with its indices computed from `block_ids` by tensor ops: what
+    torch.compile traces (into the graph, where the eager path's per-call dispatch costs nothing) for inference
+    calls of a few tokens, instead of the opaque custom op, whose layouts are built on the host."""
+    block_rows, block_cols = blocks.shape[1:]
+    grid = (-(-out_features // block_rows), -(-x.shape[1] // block_cols))
+    row_sums = torch.arange(grid[0], device=block_ids.device)[:, None] == block_ids // grid[1]  # (R, n)
+    return few_tokens_product(x, blocks, block_ids % grid[1], row_sums, out_features)
 
 
 # Few-token inference (decoding) runs `FewTokensOps` up to `FEW_TOKENS` tokens per call when it reads fewer bytes than
@@ -335,11 +364,41 @@ def choose_ops(backend: str, layout, tokens: int, for_training: bool, element_si
     return BlockedTorchOps if blocked_path_pays(layout, tokens, layout.block) else DenseTorchOps
 
 
+class TensorKeyedCache:
+    """Values cached per tensor, by identity, dropped when the tensor is: a dict keyed by `id` whose entries hold a
+    weak reference to check identity. A lookup costs about 0.15 us, where `WeakIdKeyDictionary.get` (which builds a
+    weak reference per call) costs 1.8 us: the decoding path looks a layout up in every call of every SDT layer.
+
+    Example:
+        >>> cache, tensor = TensorKeyedCache(), torch.zeros(1)
+        >>> cache[tensor] = "layout"
+        >>> cache.get(tensor), cache.get(torch.zeros(1)), len(cache)
+        ('layout', None, 1)
+        >>> del tensor
+        >>> len(cache)
+        0
+    """
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def get(self, tensor: torch.Tensor, default: Any = None) -> Any:
+        entry = self._entries.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else default
+
+    def __setitem__(self, tensor: torch.Tensor, value: Any) -> None:
+        key, entries = id(tensor), self._entries
+        entries[key] = (weakref.ref(tensor, lambda _: entries.pop(key, None)), value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 # Layouts are cached per index tensor (the block mask, or updates mode's block ids; by identity, with its version
 # counter), not by the layer: the products are custom ops, which take tensors only, so that torch.compile traces an
 # SDT layer as one opaque node whose mask is an input (a drop/grow step changes the mask's values, not the graph).
-_LAYOUT_CACHE = WeakIdKeyDictionary()  # index tensor -> ((kind, backend, block, shape, version), layout)
-_ACTIVE_COUNTS = WeakIdKeyDictionary()  # mask -> (version, number of active blocks)
+_LAYOUT_CACHE = TensorKeyedCache()  # index tensor -> ((kind, backend, block, shape, version), layout)
+_ACTIVE_COUNTS = TensorKeyedCache()  # mask -> (version, number of active blocks)
 
 
 def tensor_version(tensor: torch.Tensor) -> int | None:
@@ -645,11 +704,12 @@ def _block_sparse_linear(x, weight, bias, index, block, out_features: int, backe
     x, weight, bias = _autocast_operands(x, weight, bias)
     for_training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (T, in), row-major so that column slices are BLAS operands
-    if torch.compiler.is_compiling():
-        product = block_sparse_mm
-    else:  # inference skips the autograd bookkeeping, about 25 us of a 100 us decoding call
-        product = BlockSparseMatmul.apply if for_training else _block_sparse_forward
-    out = product(x2d, weight, index, block[0], block[1], out_features, backend, for_training)  # (T, out)
+    compiling = torch.compiler.is_compiling()
+    if compiling and not for_training and weight.dim() == 3 and backend == "torch" and x2d.shape[0] <= FEW_TOKENS:
+        out = compact_few_tokens_traced(x2d, weight, index, out_features)  # (T, out)
+    else:  # eager inference skips the autograd bookkeeping, about 25 us of a 100 us decoding call
+        product = block_sparse_mm if compiling else BlockSparseMatmul.apply if for_training else _block_sparse_forward
+        out = product(x2d, weight, index, block[0], block[1], out_features, backend, for_training)  # (T, out)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], out_features)

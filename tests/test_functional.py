@@ -177,6 +177,29 @@ def test_compact_store_products_match_reference(shape, block, mask_kind, path, d
         torch.testing.assert_close(got, want, rtol=tol, atol=tol * want.abs().max().item())
     _, _, inside = element_positions(ids, block, shape)
     assert (actual[2][~inside] == 0).all(), "the padding of edge slots gets no gradient"
-    with torch.no_grad():  # few tokens at inference: the slots are read directly
+    with torch.no_grad():  # few tokens at inference: the slots are read directly, eager and as torch.compile traces
         few = functional.compact_linear(x[:, :3], blocks, bias, ids, shape, "torch")
-    torch.testing.assert_close(few, expected[0][:, :3], rtol=tol, atol=tol * expected[0].abs().max().item())
+        traced = functional.compact_few_tokens_traced(x[:, :3].reshape(6, -1), blocks, ids, shape[0]) + bias
+    for got in (few, traced.view_as(few)):
+        torch.testing.assert_close(got, expected[0][:, :3], rtol=tol, atol=tol * expected[0].abs().max().item())
+
+
+def test_compiled_compact_decoding_traces_the_few_token_product():
+    """torch.compile traces few-token inference on a compact store as plain tensor ops (no custom op, one graph),
+    equal to eager on an odd shape, and new block ids in place need no recompilation."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    shape, block, generator = (50, 70), (16, 32), torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 5, 7, 10])
+    blocks, bias = torch.randn(4, *block, generator=generator), torch.randn(50, generator=generator)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(functional.compact_linear, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for new_ids in (ids, torch.tensor([11, 2, 6, 9])):
+            ids.copy_(new_ids)
+            x = torch.randn(3, 70, generator=generator)
+            got = compiled(x, blocks, bias, ids, shape, "torch")
+            torch.testing.assert_close(got, functional.compact_linear(x, blocks, bias, ids, shape, "reference"))
+    assert counter.frame_count == 1
+    ops = {str(node.target) for graph in counter.graphs for node in graph.graph.nodes}
+    assert not any("hf_sdt" in op for op in ops), ops
