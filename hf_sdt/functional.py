@@ -323,8 +323,7 @@ def compact_few_tokens_traced(x: torch.Tensor, blocks: torch.Tensor, block_ids: 
     """`few_tokens_product` of a compact store with its indices computed from `block_ids` by tensor ops: what
     torch.compile traces (into the graph, where the eager path's per-call dispatch costs nothing) for inference
     calls of a few tokens, instead of the opaque custom op, whose layouts are built on the host."""
-    block_rows, block_cols = blocks.shape[1:]
-    grid = (-(-out_features // block_rows), -(-x.shape[1] // block_cols))
+    grid = block_grid((out_features, x.shape[1]), tuple(blocks.shape[1:]))
     row_sums = torch.arange(grid[0], device=block_ids.device)[:, None] == block_ids // grid[1]  # (R, n)
     return few_tokens_product(x, blocks, block_ids % grid[1], row_sums, out_features)
 
@@ -336,6 +335,16 @@ def compact_few_tokens_traced(x: torch.Tensor, blocks: torch.Tensor, block_ids: 
 # with the factor 1) and the per-layer timings behind it.
 FEW_TOKENS = 16
 FEW_TOKENS_OVERHEAD_BYTES = 1e6
+
+
+def few_token_inference(tokens: int, for_training: bool) -> bool:
+    """Whether a call may take the few-token product: inference (no backward follows) on at most `FEW_TOKENS`.
+
+    Example:
+        >>> few_token_inference(1, for_training=False), few_token_inference(1, for_training=True)
+        (True, False)
+    """
+    return not for_training and tokens <= FEW_TOKENS
 
 
 def few_tokens_pay(layout: BlockedLayout, element_size: int) -> bool:
@@ -359,7 +368,7 @@ def choose_ops(backend: str, layout, tokens: int, for_training: bool, element_si
     if backend == "triton":
         return TritonOps
     compact = isinstance(layout, CompactLayout)
-    if not for_training and tokens <= FEW_TOKENS and (compact or few_tokens_pay(layout, element_size)):
+    if few_token_inference(tokens, for_training) and (compact or few_tokens_pay(layout, element_size)):
         return FewTokensOps
     return BlockedTorchOps if blocked_path_pays(layout, tokens, layout.block) else DenseTorchOps
 
@@ -705,7 +714,7 @@ def _block_sparse_linear(x, weight, bias, index, block, out_features: int, backe
     for_training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (T, in), row-major so that column slices are BLAS operands
     compiling = torch.compiler.is_compiling()
-    if compiling and not for_training and weight.dim() == 3 and backend == "torch" and x2d.shape[0] <= FEW_TOKENS:
+    if compiling and weight.dim() == 3 and backend == "torch" and few_token_inference(x2d.shape[0], for_training):
         out = compact_few_tokens_traced(x2d, weight, index, out_features)  # (T, out)
     else:  # eager inference skips the autograd bookkeeping, about 25 us of a 100 us decoding call
         product = block_sparse_mm if compiling else BlockSparseMatmul.apply if for_training else _block_sparse_forward
