@@ -518,19 +518,22 @@ class UpdatesController(SDTController):
 
     def _capture_hook(self, name: str):
         def hook(layer: SDTUpdateLinear, inputs, output):
-            if not (self.capturing and torch.is_grad_enabled() and output.requires_grad):
-                return
-            x = inputs[0].detach()
-
-            def accumulate(grad_out: torch.Tensor) -> None:
-                grad_out = grad_out.reshape(-1, layer.out_features).float()  # (T, out)
-                dense_grad = grad_out.t() @ x.reshape(-1, layer.in_features).float()  # (out, in)
-                energy = block_norms(dense_grad, layer.block_size).square()  # (block-rows, block-cols)
-                self.grad_energy[name] = energy + self.grad_energy[name] if name in self.grad_energy else energy
-
-            output.register_hook(accumulate)
+            if self.capturing and torch.is_grad_enabled() and output.requires_grad:
+                self._capture_energy(name, layer, inputs[0].detach(), output)
 
         return hook
+
+    # Eager even under torch.compile: its backward hook writes to this controller, which a compiled graph cannot; it
+    # runs on the few steps before a selection only, so the other steps stay one graph, and no step recompiles.
+    @torch.compiler.disable
+    def _capture_energy(self, name: str, layer: SDTUpdateLinear, x: torch.Tensor, output: torch.Tensor) -> None:
+        def accumulate(grad_out: torch.Tensor) -> None:
+            grad_out = grad_out.reshape(-1, layer.out_features).float()  # (T, out)
+            dense_grad = grad_out.t() @ x.reshape(-1, layer.in_features).float()  # (out, in)
+            energy = block_norms(dense_grad, layer.block_size).square()  # (block-rows, block-cols)
+            self.grad_energy[name] = energy + self.grad_energy[name] if name in self.grad_energy else energy
+
+        output.register_hook(accumulate)
 
     def _select(self, optimizer, first: bool) -> None:
         unused = [name for name in self.layers if name not in self.grad_energy]

@@ -18,8 +18,9 @@ gradient is compact too.
 
 Updates mode (`sparse_update_linear`): the weight W = base + U is dense and frozen, the trainable updates U live in
 a compact (n, block_rows, block_cols) store (see `hf_sdt.blocks`). Forward and dX are one dense GEMM each on W;
-the gradient of U is dY^T X at its blocks only, written compact (blocked torch path or Triton kernel); the
-``reference`` backend forms the dense update and lets autograd compute everything.
+the gradient of U is dY^T X at its blocks only, written compact (blocked torch path or Triton kernel; the custom op
+``hf_sdt::compact_update_grad`` under torch.compile); the ``reference`` backend forms the dense update and lets
+autograd compute everything.
 """
 
 from __future__ import annotations
@@ -833,22 +834,51 @@ def compact_grad_triton(grad_out: torch.Tensor, x: torch.Tensor, layout: Compact
     )
 
 
+def _compact_update_grad(grad_out, x, block_ids, block_rows: int, block_cols: int, backend: str) -> torch.Tensor:
+    """dY^T X at the blocks `block_ids` of a (out, in) weight, compact (n, block_rows, block_cols), by `backend`."""
+    block, shape = (block_rows, block_cols), (grad_out.shape[1], x.shape[1])
+    layout = cached_compact_layout(backend, block_ids, block, shape)
+    grad = compact_grad_triton if backend == "triton" else compact_grad_torch
+    return grad(grad_out, x, layout)
+
+
+@torch.library.custom_op("hf_sdt::compact_update_grad", mutates_args=())
+def compact_update_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, block_ids: torch.Tensor, block_rows: int, block_cols: int, backend: str
+) -> torch.Tensor:
+    """The compact gradient of updates mode as a custom op, so that torch.compile keeps it whole, with the block
+    ids as a tensor input (a topology change recompiles nothing); `backend` is "torch" or "triton"."""
+    return _compact_update_grad(grad_out, x, block_ids, block_rows, block_cols, backend)
+
+
+@compact_update_grad.register_fake
+def _compact_update_grad_fake(grad_out, x, block_ids, block_rows, block_cols, backend):
+    return grad_out.new_empty(block_ids.shape[0], block_rows, block_cols)
+
+
 class SparseUpdateLinearFunction(torch.autograd.Function):
     """Y = X W^T for the frozen effective weight W = base + U (materialized by the layer); backward gives dX and
-    the gradient of the compact updates U, dY^T X at their blocks only: no dense weight gradient is formed."""
+    the gradient of the compact updates U, dY^T X at their blocks only: no dense weight gradient is formed.
+
+    torch.compile traces it whole: the two GEMMs as plain ops, the compact gradient as its custom op (called
+    directly in eager mode, where a custom op's dispatch costs tens of microseconds)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, updates: torch.Tensor, grad_fn, layout) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.grad_fn, ctx.layout, ctx.updates_dtype = grad_fn, layout, updates.dtype
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, updates: torch.Tensor, block_ids: torch.Tensor,
+                backend: str) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(x, weight, block_ids)
+        ctx.backend, ctx.updates_dtype, ctx.block = backend, updates.dtype, tuple(updates.shape[1:])
         return x @ weight.t()  # (T, out)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x, weight, block_ids = ctx.saved_tensors
         need_x, _, need_updates = ctx.needs_input_grad[:3]
         grad_x = grad_out @ weight if need_x else None
-        grad_updates = ctx.grad_fn(grad_out, x, ctx.layout).to(ctx.updates_dtype) if need_updates else None
+        grad_updates = None
+        if need_updates:
+            grad = compact_update_grad if torch.compiler.is_compiling() else _compact_update_grad
+            grad_updates = grad(grad_out.contiguous(), x, block_ids, *ctx.block, ctx.backend).to(ctx.updates_dtype)
         return grad_x, None, grad_updates, None, None
 
 
@@ -885,12 +915,10 @@ def sparse_update_linear(
     block_ids: torch.Tensor,
     block: tuple[int, int],
     backend: str = "auto",
-    layout: CompactLayout | None = None,
 ) -> torch.Tensor:
     """`F.linear` with a frozen effective weight (out, in) = base + updates, whose compact `updates`
-    (n, block_rows, block_cols) at the blocks `block_ids` (n,) get their gradient at those blocks only.
-
-    `layout` is the cached `build_compact_layout(...)` of the resolved backend; it is built here when omitted.
+    (n, block_rows, block_cols) at the blocks `block_ids` (n,) get their gradient at those blocks only. The index
+    structure of the gradient is cached until the block ids change (see `cached_compact_layout`).
 
     Example:
         >>> x, weight = torch.randn(5, 8), torch.randn(4, 8)
@@ -904,11 +932,8 @@ def sparse_update_linear(
     if backend == "reference":
         return reference_update_linear(x, weight, bias, updates, block_ids, block)
     x, weight, bias = _autocast_operands(x, weight, bias)
-    if layout is None:
-        layout = build_compact_layout(backend, block_ids, block, tuple(weight.shape))
-    grad_fn = compact_grad_triton if backend == "triton" else compact_grad_torch
     x2d = x.reshape(-1, x.shape[-1]).contiguous()  # (T, in), row-major so that column slices are BLAS operands
-    out = SparseUpdateLinearFunction.apply(x2d, weight, updates, grad_fn, layout)  # (T, out)
+    out = SparseUpdateLinearFunction.apply(x2d, weight, updates, block_ids, backend)  # (T, out)
     if bias is not None:
         out = out + bias
     return out.view(*x.shape[:-1], weight.shape[0])

@@ -19,7 +19,6 @@ from .functional import (
     dense_of_blocks,
     record_active_blocks,
     reference_linear,
-    resolve_backend,
     sdt_linear,
     sparse_update_linear,
     tensor_version,
@@ -362,7 +361,8 @@ class SDTUpdateLinear(SDTLayer):
 
     `weight` is rewritten at the active blocks by every forward in training mode (an optimizer step may have changed
     the updates since, and optimizers need not bump a parameter's version counter), and otherwise by the first
-    forward or `state_dict()` after training or after the updates, block ids or base values were replaced.
+    forward or `state_dict()` after training or after the updates, block ids or base values were replaced; by every
+    forward under torch.compile.
 
     Args:
         base_layer (`nn.Linear` or `Conv1D`): the pretrained layer; its parameters are reused (and frozen).
@@ -416,22 +416,19 @@ class SDTUpdateLinear(SDTLayer):
             self.materialize_()
         self._stale = self.training
 
-    @torch.no_grad()
     def materialize_(self) -> None:
         """Write base + updates into the active blocks of `weight` (of every shard, under FSDP2)."""
-        effective = self.sdt_base.float() + full_tensor(self.sdt_updates.detach())
-        self._write_blocks_(effective, self.sdt_block_ids)
+        self._write_effective_blocks_()
         self._materialized = self._versions()
+
+    @torch.no_grad()
+    def _write_effective_blocks_(self) -> None:
+        self._write_blocks_(self.sdt_base.float() + full_tensor(self.sdt_updates.detach()), self.sdt_block_ids)
 
     def _write_blocks_(self, values: torch.Tensor, block_ids: torch.Tensor) -> None:
         local, offset = self.local_out_in(self.weight)
         shape = (self.out_features, self.in_features)
         scatter_blocks_(local, values, block_ids, self.block_size, shape, offset)
-
-    def layout(self, backend: str):
-        """The compact-gradient index structure of the current blocks for `backend`, rebuilt when they change."""
-        shape = (self.out_features, self.in_features)
-        return cached_compact_layout(backend, self.sdt_block_ids, self.block_size, shape)
 
     @torch.no_grad()
     def move_blocks_(self, slots: torch.Tensor, new_block_ids: torch.Tensor) -> None:
@@ -450,11 +447,15 @@ class SDTUpdateLinear(SDTLayer):
         self.materialize_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        self.sync_weight_()
-        backend = resolve_backend(self.backend, x.device, self.block_size)
-        layout = None if backend == "reference" else self.layout(backend)
+        if torch.compiler.is_compiling():
+            # A compiled graph cannot read version counters: it rewrites the active blocks on every call (density x
+            # the weight's bytes), in place, and marks them stale so that the next eager call rewrites them too.
+            self._write_effective_blocks_()
+            self._stale = True
+        else:
+            self.sync_weight_()
         return sparse_update_linear(
-            x, self.weight_out_in, self.bias, self.sdt_updates, self.sdt_block_ids, self.block_size, backend, layout
+            x, self.weight_out_in, self.bias, self.sdt_updates, self.sdt_block_ids, self.block_size, self.backend
         )
 
     @torch.no_grad()
