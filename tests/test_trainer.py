@@ -290,8 +290,13 @@ def test_updates_mode_trains_logs_and_checkpoints_adapters(tmp_path):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"gradient_accumulation_steps": 2}, {"bf16": True}, {"activation_checkpointing": True}],
-    ids=["grad-accumulation", "bf16", "grad-checkpointing"],
+    [
+        {"gradient_accumulation_steps": 2},
+        {"bf16": True},
+        {"activation_checkpointing": True},
+        {"torch_compile": True, "torch_compile_backend": "aot_eager"},
+    ],
+    ids=["grad-accumulation", "bf16", "grad-checkpointing", "compiled"],
 )
 def test_updates_mode_trainer_variants(tmp_path, overrides):
     trainer = SDTTrainer(
