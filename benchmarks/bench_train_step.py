@@ -1,4 +1,4 @@
-"""Whole training steps of a SmolLM2-135M-shaped model, dense against SDT (weights mode), side by side.
+"""Whole training steps of a SmolLM2-135M-shaped model (or the demo's GPT), dense against SDT (weights mode).
 
 A Llama with SmolLM2-135M's shape (from its config, random init, tied embeddings: the 49152 x 576 output layer stays
 dense) trains from scratch with AdamW in fp32 on batches of 8 x 256 random tokens: dense, and converted with SDT at
@@ -11,7 +11,13 @@ the optimizer of the embeddings remain). The trainable state of the SDT layers (
 moments, in elements) is counted against the same layers dense. With `--rss-steps N`, each of dense, SDT 0.25 and
 SDT 0.1 also trains N steps alone in a fresh process, whose peak resident memory is reported.
 
+`--model demo` times the model of `hf-sdt demo` instead (its GPT-2 config from `hf_sdt.demo.DEFAULTS`, random init,
+batches of 16 x 128 tokens as the demo trains, GPT-2's dropout included) with the same constant schedule: its
+one-block floor bounds what any SDT run of the demo can save per step.
+
     python benchmarks/bench_train_step.py --output benchmarks/results/train_step_cpu.md   # the issue's table
+    python benchmarks/bench_train_step.py --model demo --repeats 5 \
+        --output benchmarks/results/train_step_demo_cpu.md                                 # the demo's model
     python benchmarks/bench_train_step.py --smoke                                          # a seconds-long check
 """
 
@@ -30,14 +36,26 @@ import warnings
 import torch
 from bench_decode import SMOKE, SMOLLM2_135M
 from benchmark_report import finish_report
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
 from hf_sdt import SDTConfig, SDTController, get_sdt_model, sdt_layers
+from hf_sdt.demo import DEFAULTS as DEMO
 
 DENSITIES = (0.5, 0.25, 0.1)
 FLOOR = "SDT 1 block/layer"
 ONE_BLOCK = 1e-9  # max(1, round(density * blocks)) = 1 block per layer
 PHASES = ("forward", "backward", "sdt", "optimizer")
+# name -> (a fresh config, batch size, tokens per sequence, the report's description)
+MODELS = {
+    "smollm2": (lambda: LlamaConfig(**SMOLLM2_135M), 8, 256, "SmolLM2-135M shape"),
+    "demo": (
+        lambda: AutoConfig.for_model(**DEMO["model_config"], vocab_size=DEMO["tokenizer_vocab_size"]),
+        DEMO["per_device_train_batch_size"],
+        DEMO["max_seq_length"],
+        "`hf-sdt demo` model (GPT-2, 4 x 256, vocabulary 2048, dropout 0.1)",
+    ),
+    "smoke": (lambda: LlamaConfig(**SMOKE), 8, 32, "smoke"),
+}
 
 
 def density_of(name: str) -> float | None:
@@ -45,10 +63,10 @@ def density_of(name: str) -> float | None:
     return None if name == "dense" else ONE_BLOCK if name == FLOOR else float(name.split()[1])
 
 
-def build(shape: dict, density: float | None, steps: int):
+def build(config: PretrainedConfig, density: float | None, steps: int):
     """A freshly initialised model (seed 0), dense or converted at `density`, with its AdamW and controller."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shape)).train()
+    model = AutoModelForCausalLM.from_config(config).train()
     controller = None
     if density is not None:
         config = SDTConfig(density=density, block_size=64, schedule="constant", update_interval=10_000)
@@ -101,33 +119,34 @@ def dense_state_elements(model) -> int:
     )
 
 
-def batches(shape: dict, tokens: int, count: int) -> list[torch.Tensor]:
+def batches(config: PretrainedConfig, size: int, tokens: int, count: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
-    return [torch.randint(shape["vocab_size"], (8, tokens), generator=generator) for _ in range(count)]
+    return [torch.randint(config.vocab_size, (size, tokens), generator=generator) for _ in range(count)]
 
 
-def peak_rss_of(name: str, steps: int, smoke: bool) -> float:
+def peak_rss_of(name: str, steps: int, model: str) -> float:
     """Peak resident memory (MB) of a fresh process that builds `name` and trains it for `steps` steps."""
-    command = [sys.executable, __file__, "--rss-of", name, "--rss-steps", str(steps)] + (["--smoke"] if smoke else [])
+    command = [sys.executable, __file__, "--rss-of", name, "--rss-steps", str(steps), "--model", model]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
 
-def train_alone(name: str, steps: int, shape: dict, tokens: int) -> float:
-    model, controller, optimizer = build(shape, density_of(name), steps)
-    for step, batch in enumerate(batches(shape, tokens, steps)):
+def train_alone(name: str, steps: int, config: PretrainedConfig, size: int, tokens: int) -> float:
+    model, controller, optimizer = build(config, density_of(name), steps)
+    for step, batch in enumerate(batches(config, size, tokens, steps)):
         train_step(model, controller, optimizer, batch, step)
     # VmHWM, not getrusage's ru_maxrss: that one starts from the parent's peak at fork.
     with open("/proc/self/status", encoding="utf-8") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024  # kB -> MB
 
 
-def timing_table(shape: dict, tokens: int, repeats: int) -> tuple[list[str], dict]:
+def timing_table(config: PretrainedConfig, size: int, tokens: int, repeats: int) -> tuple[list[str], dict]:
     """The models' step times, alternating step by step in this process; the report's lines and rows."""
     names = ["dense", *(f"SDT {density}" for density in DENSITIES), FLOOR]
-    runs = {name: build(shape, density_of(name), repeats + 1) for name in names}
+    runs = {name: build(config, density_of(name), repeats + 1) for name in names}
     times = {name: [] for name in names}
-    for step, batch in enumerate(batches(shape, tokens, repeats + 1)):  # step 0 warms up (and creates AdamW states)
+    # Step 0 warms up (and creates the AdamW states).
+    for step, batch in enumerate(batches(config, size, tokens, repeats + 1)):
         for name, (model, controller, optimizer) in runs.items():
             seconds = train_step(model, controller, optimizer, batch, step)
             if step:
@@ -166,35 +185,37 @@ def timing_table(shape: dict, tokens: int, repeats: int) -> tuple[list[str], dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per model (0: peak RSS only)")
-    parser.add_argument("--tokens", type=int, default=256, help="sequence length (batch 8)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2", help="the model to time")
+    parser.add_argument("--tokens", type=int, default=None, help="sequence length (default: the model's)")
     parser.add_argument("--rss-steps", type=int, default=0, help="also measure peak RSS over this many steps")
     parser.add_argument("--rss-of", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="a tiny model and 2 steps: checks the script runs")
     parser.add_argument("--output", help="write the report here (markdown)")
     args = parser.parse_args()
-    shape = SMOKE if args.smoke else SMOLLM2_135M
     if args.smoke:
-        args.repeats, args.tokens = 1, 32
-    torch.set_num_threads(torch.get_num_threads())
+        args.model, args.repeats = "smoke", 1
+    make_config, size, default_tokens, description = MODELS[args.model]
+    config, tokens = make_config(), args.tokens or default_tokens
     if args.rss_of:
-        print(train_alone(args.rss_of, args.rss_steps, shape, args.tokens))
+        print(train_alone(args.rss_of, args.rss_steps, config, size, tokens))
         return
 
     lines = [
         f"# Whole training steps, dense vs SDT ({datetime.date.today()}, "
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})",
         "",
-        f"{'SmolLM2-135M' if not args.smoke else 'smoke'} shape, random init, AdamW fp32, batch 8 x {args.tokens} "
-        "tokens, 64 x 64 blocks, constant schedule (compact storage).",
+        f"{description}, random init, AdamW fp32, batch {size} x {tokens} tokens, 64 x 64 blocks, constant schedule "
+        "(compact storage).",
     ]
-    report = {"shape": shape, "tokens": args.tokens, "repeats": args.repeats, "rows": {}}
+    report = {"model": args.model, "config": config.to_diff_dict(), "tokens": tokens, "repeats": args.repeats}
+    report["rows"] = {}
     if args.repeats:
-        table, report["rows"] = timing_table(shape, args.tokens, args.repeats)
+        table, report["rows"] = timing_table(config, size, tokens, args.repeats)
         lines += table
     if args.rss_steps:
         lines += ["", f"Peak RSS (VmHWM) of {args.rss_steps} steps, each model alone in a fresh process:", ""]
         for name in ("dense", "SDT 0.25", "SDT 0.1"):
-            rss = peak_rss_of(name, args.rss_steps, args.smoke)
+            rss = peak_rss_of(name, args.rss_steps, args.model)
             report["rows"].setdefault(name, {})["peak_rss_mb"] = rss
             lines.append(f"- {name}: {rss:.0f} MB")
     if args.output:
