@@ -525,7 +525,8 @@ def block_sparse_mm(
     """`BlockSparseMatmul` as a custom op (with a fake implementation and autograd), so that torch.compile keeps it
     whole, with the mask or block ids as a tensor input; `backend` is "torch" or "triton"; `for_training` says
     whether a backward will follow (the few-token path is inference only)."""
-    return _block_sparse_forward(x, weight, index, block_rows, block_cols, out_features, backend, for_training)
+    out = _block_sparse_forward(x, weight, index, block_rows, block_cols, out_features, backend, for_training)
+    return out.contiguous()  # as the fake implementation says: the few-token product may return a column slice
 
 
 @block_sparse_mm.register_fake

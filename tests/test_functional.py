@@ -203,3 +203,23 @@ def test_compiled_compact_decoding_traces_the_few_token_product():
     assert counter.frame_count == 1
     ops = {str(node.target) for graph in counter.graphs for node in graph.graph.nodes}
     assert not any("hf_sdt" in op for op in ops), ops
+
+
+@pytest.mark.parametrize("for_training", [True, False], ids=["training", "inference"])
+def test_custom_ops_pass_torch_library_opcheck(for_training):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the custom ops that
+    torch.compile traces: the product on a dense weight with its mask and on a compact store with its block ids,
+    and the compact gradient of updates mode."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[True, False, True], [False, False, True]])  # a 50 x 70 weight in 32 x 32 blocks
+    ids = block_ids_of(mask)
+    weight = torch.randn(50, 70, generator=generator) * expand_block_mask(mask, (32, 32), (50, 70))
+    blocks = gather_blocks(weight, ids, (32, 32))
+    tokens = 20 if for_training else 3  # inference on 3 tokens takes the few-token product
+    x = torch.randn(tokens, 70, generator=generator, requires_grad=for_training)
+    for stored, index in ((weight, mask), (blocks, ids)):
+        stored = stored.clone().requires_grad_(for_training)
+        args = (x, stored, index, 32, 32, 50, "torch", for_training)
+        torch.library.opcheck(functional.block_sparse_mm, args)
+    grad_out = torch.randn(tokens, 50, generator=generator)
+    torch.library.opcheck(functional.compact_update_grad, (grad_out, x.detach(), ids, 32, 32, "torch"))
