@@ -2,8 +2,10 @@
 
 A SmolLM2-135M-shaped Llama (from its config, random weights, tied embeddings: the 49152 x 576 output layer stays
 dense) generates `--new-tokens` tokens after a 32-token prompt, at batch 1 and 8; the SDT copies are the dense model
-converted at each density with 64 x 64 blocks (`schedule="constant"`, all linear layers of the blocks). The runs
-alternate in one process (dense, SDT 0.5, 0.25, 0.1, then again), and each row reports the median of `--repeats`.
+converted at each density with 64 x 64 blocks (`schedule="constant"`, all linear layers of the blocks), and one more
+that keeps one block per layer: what generation costs when the SDT layers do (almost) no work, the bound on what any
+density can gain. The runs alternate in one process (dense, SDT 0.5, 0.25, 0.1, the one-block model, then again),
+and each row reports the median of `--repeats`.
 With `--compile`, each model's forward is also compiled (`torch.compile`, inductor, into a fresh cache directory)
 and timed after a warm-up generation of 8 tokens; the warm-up's time, compilation included, has its own column.
 
@@ -29,6 +31,7 @@ import platform
 import statistics
 import tempfile
 import time
+import warnings
 
 import torch
 from benchmark_report import finish_report
@@ -45,17 +48,33 @@ SMOKE = {
     "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256, "tie_word_embeddings": True,
 }  # fmt: skip
 DENSITIES = (0.5, 0.25, 0.1)
+FLOOR = "SDT 1 block/layer"
+ONE_BLOCK = 1e-9  # max(1, round(density * blocks)) = 1 block per layer
 PROMPT_TOKENS = 32
 
 
+def density_of(name: str) -> float | None:
+    """The density of a model row: "dense" (None), "SDT 0.25", or the one-block floor."""
+    return None if name == "dense" else ONE_BLOCK if name == FLOOR else float(name.split()[1])
+
+
+def convert(model: torch.nn.Module, density: float, **overrides) -> tuple[torch.nn.Module, SDTConfig]:
+    """`model` converted with SDT at `density` (64 x 64 blocks, constant schedule, so compact storage; `overrides`
+    for other SDTConfig fields), and its config."""
+    config = SDTConfig(density=density, block_size=64, schedule="constant", **overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the floor's density rounds up to one block per layer, as meant
+        return get_sdt_model(model, config), config
+
+
 def build_models(shape: dict, densities, compile_models: bool, device: str) -> dict[str, torch.nn.Module]:
-    """The dense model and its SDT copies, by name ("dense", "SDT 0.5", ...), each eager and, if asked, compiled."""
+    """The dense model and its SDT copies, by name ("dense", "SDT 0.5", ..., the floor), each eager and, if asked,
+    compiled."""
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**shape)).to(device).eval()
     models = {"dense": dense}
-    for density in densities:
-        config = SDTConfig(density=density, block_size=64, schedule="constant")
-        models[f"SDT {density}"] = get_sdt_model(copy.deepcopy(dense), config).eval()
+    for name in [*(f"SDT {density}" for density in densities), FLOOR]:
+        models[name] = convert(copy.deepcopy(dense), density_of(name))[0].eval()
     if compile_models:
         # All models share one compiled code object (the model class's forward), each with its own graphs (prompt,
         # then one token, per batch size): more than dynamo's default limit of 8, past which it runs them eagerly.

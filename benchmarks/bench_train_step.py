@@ -31,19 +31,15 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 
 import torch
-from bench_decode import SMOKE, SMOLLM2_135M
+from bench_decode import DENSITIES, FLOOR, SMOKE, SMOLLM2_135M, convert, density_of
 from benchmark_report import finish_report
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, PretrainedConfig
 
-from hf_sdt import SDTConfig, SDTController, get_sdt_model, sdt_layers
+from hf_sdt import SDTController, sdt_layers
 from hf_sdt.demo import DEFAULTS as DEMO
 
-DENSITIES = (0.5, 0.25, 0.1)
-FLOOR = "SDT 1 block/layer"
-ONE_BLOCK = 1e-9  # max(1, round(density * blocks)) = 1 block per layer
 PHASES = ("forward", "backward", "sdt", "optimizer")
 # name -> (a fresh config, batch size, tokens per sequence, the report's description)
 MODELS = {
@@ -58,22 +54,14 @@ MODELS = {
 }
 
 
-def density_of(name: str) -> float | None:
-    """The density of a model row: "dense" (None), "SDT 0.25", or the one-block floor."""
-    return None if name == "dense" else ONE_BLOCK if name == FLOOR else float(name.split()[1])
-
-
 def build(config: PretrainedConfig, density: float | None, steps: int):
     """A freshly initialised model (seed 0), dense or converted at `density`, with its AdamW and controller."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).train()
     controller = None
     if density is not None:
-        config = SDTConfig(density=density, block_size=64, schedule="constant", update_interval=10_000)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the floor's density rounds up to one block per layer, as meant
-            model = get_sdt_model(model, config)
-        controller = SDTController(model, config, total_steps=steps)
+        model, sdt_config = convert(model, density, update_interval=10_000)
+        controller = SDTController(model, sdt_config, total_steps=steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, controller, optimizer
 
