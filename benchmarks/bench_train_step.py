@@ -16,7 +16,7 @@ batches of 16 x 128 tokens as the demo trains, GPT-2's dropout included) with th
 one-block floor bounds what any SDT run of the demo can save per step.
 
     python benchmarks/bench_train_step.py --output benchmarks/results/train_step_cpu.md   # the issue's table
-    python benchmarks/bench_train_step.py --model demo --repeats 5 \
+    python benchmarks/bench_train_step.py --model demo --repeats 15 \
         --output benchmarks/results/train_step_demo_cpu.md                                 # the demo's model
     python benchmarks/bench_train_step.py --smoke                                          # a seconds-long check
 """
