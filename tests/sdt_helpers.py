@@ -1,10 +1,13 @@
-"""Shared by the trainer tests and the 2-process worker script: a tiny GPT-2 on a public-domain novel."""
+"""Shared by the tests and the 2-process worker script: a tiny GPT-2 on a public-domain novel, its training and its
+compiled run."""
 
 import torch
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
 
-from hf_sdt import SDTConfig
+from hf_sdt import SDTConfig, SDTLinear, SDTUpdateLinear, get_sdt_model, sdt_layers
 from hf_sdt.demo_data import ByteChunks
+from hf_sdt.masks import topk_block_mask
 from hf_sdt.trainer import SDTTrainer
 
 
@@ -116,3 +119,57 @@ def train_with_controller(mode: str, steps: int = 12):
         optimizer.zero_grad()
         controller.after_optimizer_step()
     return model.eval(), chunks[-2:]
+
+
+def trainable_weight(layer: nn.Module) -> nn.Parameter:
+    """The parameter that trains a layer's weight: its own, its (dense or compact) store, or its updates."""
+    if isinstance(layer, SDTUpdateLinear):
+        return layer.sdt_updates
+    return layer.weight_parameter if isinstance(layer, SDTLinear) else layer.weight
+
+
+def change_topology(layer: nn.Module, seed: int) -> None:
+    """What a drop/grow does to a layer between steps: other blocks, as many, changed in place."""
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(layer, SDTUpdateLinear):
+        inactive = (~layer.block_mask).flatten().nonzero().flatten().cpu()
+        grown = inactive[torch.randperm(inactive.numel(), generator=generator)[:1]]
+        device = layer.sdt_block_ids.device
+        layer.move_blocks_(torch.tensor([0], device=device), grown.to(device))
+        return
+    scores = torch.rand(layer.sdt_mask.shape, generator=generator).to(layer.sdt_mask.device)
+    new_mask = topk_block_mask(scores, int(layer.sdt_mask.sum()))
+    layer.update_mask_(new_mask, int(new_mask.sum()))
+
+
+def compiled_run(config: SDTConfig | None, backend: str = "aot_eager", device: str = "cpu") -> tuple[list, dict]:
+    """Train steps (fwd+bwd, then a topology change and an SGD step) of a tiny GPT-2 compiled with fullgraph=True,
+    SDT with `config` (dense if None), then a one-token inference call; returns (compiled, eager) pairs of outputs
+    and gradients, and dynamo's graph counts."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_gpt2().to(device)
+    if config is not None:
+        model = get_sdt_model(model, config)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    results = []
+    for step in range(3):
+        pair = []
+        for run in (compiled, model):  # compiled, then eager for comparison
+            model.zero_grad()
+            logits = run(ids).logits
+            logits.square().mean().backward()
+            pair.append((logits, trainable_weight(model.transformer.h[0].mlp.c_fc).grad))
+        results += list(zip(*pair, strict=True))
+        for layer in sdt_layers(model).values():
+            change_topology(layer, step)
+        with torch.no_grad():  # then the trainable tensors change in place, as an optimizer step changes them
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    parameter.sub_(parameter.grad, alpha=10.0)
+    with torch.no_grad():
+        results.append((compiled(ids[:, :1]).logits, model(ids[:, :1]).logits))
+    return results, {"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values())}

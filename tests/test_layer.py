@@ -12,7 +12,7 @@ from hf_sdt import SDTCompactLinear, SDTLinear, SDTUpdateLinear
 from hf_sdt import functional as sdt_functional
 from hf_sdt.blocks import element_positions, gather_blocks, mask_of
 from hf_sdt.controller import reset_optimizer_state
-from hf_sdt.masks import expand_block_mask, topk_block_mask
+from hf_sdt.masks import expand_block_mask
 
 
 def make_base(kind: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
@@ -274,60 +274,6 @@ def test_update_layer_with_bf16_weights_matches_reference():
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
-def trainable_weight(layer: nn.Module) -> nn.Parameter:
-    """The parameter that trains a layer's weight: its own, its (dense or compact) store, or its updates."""
-    if isinstance(layer, SDTUpdateLinear):
-        return layer.sdt_updates
-    return layer.weight_parameter if isinstance(layer, SDTLinear) else layer.weight
-
-
-def change_topology(layer: nn.Module, seed: int) -> None:
-    """What a drop/grow does to a layer between steps: other blocks, as many, changed in place."""
-    generator = torch.Generator().manual_seed(seed)
-    if isinstance(layer, SDTUpdateLinear):
-        inactive = (~layer.block_mask).flatten().nonzero().flatten()
-        layer.move_blocks_(torch.tensor([0]), inactive[torch.randperm(inactive.numel(), generator=generator)[:1]])
-        return
-    new_mask = topk_block_mask(torch.rand(layer.sdt_mask.shape, generator=generator), int(layer.sdt_mask.sum()))
-    layer.update_mask_(new_mask, int(new_mask.sum()))
-
-
-def compiled_run(config, backend: str = "aot_eager") -> tuple[list[tuple], dict]:
-    """Train steps (fwd+bwd, then a topology change and an SGD step) of a tiny GPT-2 compiled with fullgraph=True,
-    SDT with `config` (dense if None), then a one-token inference call; returns (compiled, eager) pairs of outputs
-    and gradients, and dynamo's graph counts."""
-    from sdt_helpers import tiny_gpt2
-    from torch._dynamo.utils import counters
-
-    from hf_sdt import get_sdt_model, sdt_layers
-
-    torch._dynamo.reset()
-    counters.clear()
-    model = tiny_gpt2()
-    if config is not None:
-        model = get_sdt_model(model, config)
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    results = []
-    for step in range(3):
-        pair = []
-        for run in (compiled, model):  # compiled, then eager for comparison
-            model.zero_grad()
-            logits = run(ids).logits
-            logits.square().mean().backward()
-            pair.append((logits, trainable_weight(model.transformer.h[0].mlp.c_fc).grad))
-        results += list(zip(*pair, strict=True))
-        for layer in sdt_layers(model).values():
-            change_topology(layer, step)
-        with torch.no_grad():  # then the trainable tensors change in place, as an optimizer step changes them
-            for parameter in model.parameters():
-                if parameter.grad is not None:
-                    parameter.sub_(parameter.grad, alpha=10.0)
-    with torch.no_grad():
-        results.append((compiled(ids[:, :1]).logits, model(ids[:, :1]).logits))
-    return results, {"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values())}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
@@ -337,6 +283,8 @@ def compiled_run(config, backend: str = "aot_eager") -> tuple[list[tuple], dict]
 def test_torch_compile_traces_sdt_layers_like_dense_ones(overrides):
     """fullgraph=True compiles an SDT model as it does the dense one; optimizer steps and drop/grow need no
     recompilation; compiled outputs and gradients equal eager ones (the one-token call takes the few-token path)."""
+    from sdt_helpers import compiled_run
+
     from hf_sdt import SDTConfig
 
     config = SDTConfig(density=0.5, block_size=16, schedule="constant", **overrides)
