@@ -131,8 +131,9 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="write the Markdown table here (and a .json beside it)")
     args = parser.parse_args()
     shape = SMOKE if args.smoke else SMOLLM2_135M
-    if args.compile:  # compilation starts cold, as in a fresh environment
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_decode_inductor_")
+    if args.compile:  # compilation starts cold, as in a fresh environment; the directory goes when the script ends
+        cache = tempfile.TemporaryDirectory(prefix="bench_decode_inductor_", ignore_cleanup_errors=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     new_tokens, repeats = (4, 1) if args.smoke else (args.new_tokens, args.repeats)
     models = build_models(shape, DENSITIES, args.compile, args.device)
     rows = [
