@@ -173,3 +173,13 @@ def compiled_run(config: SDTConfig | None, device: str = "cpu") -> tuple[list, d
     with torch.no_grad():
         results.append((compiled(ids[:, :1]).logits, model(ids[:, :1]).logits))
     return results, {"graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values())}
+
+
+def assert_same_state(expected: dict, got: dict) -> None:
+    """The same topology (masks, block ids) exactly, and the same values up to float reordering."""
+    assert set(got) == set(expected)
+    for key in expected:
+        if key.endswith(("sdt_mask", "sdt_block_ids")):
+            assert torch.equal(expected[key], got[key]), key
+        else:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
