@@ -312,7 +312,8 @@ def few_tokens_product(
         x = F.pad(x, (0, block_cols_size - x.shape[1] % block_cols_size))  # (T, C * cols)
     x_blocks = x.view(tokens, -1, block_cols_size).index_select(1, block_cols)  # (T, n, cols)
     products = torch.bmm(x_blocks.transpose(0, 1), blocks.transpose(1, 2))  # (n, T, rows)
-    out = torch.mm(row_sums.to(x.dtype), products.view(-1, tokens * block_rows))  # (R, n) @ (n, T * rows)
+    row_sums = row_sums if row_sums.dtype == x.dtype else row_sums.to(x.dtype)  # a no-op .to still costs a dispatch
+    out = torch.mm(row_sums, products.view(-1, tokens * block_rows))  # (R, n) @ (n, T * rows)
     if tokens == 1:  # (R, rows) is already the row-major (1, R * rows)
         out = out.view(1, -1)
     else:
