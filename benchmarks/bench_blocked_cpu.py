@@ -23,6 +23,7 @@ from benchmark_report import finish_report
 from torch import nn
 
 from hf_sdt import SDTLinear, functional
+from hf_sdt.functional import dispatch
 from hf_sdt.masks import active_block_count, block_norms, topk_block_mask
 
 
@@ -113,15 +114,15 @@ def main() -> None:
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     report = [header, "", format_table(rows)]
     if args.fallback_sweep:
-        dispatch_rule = functional.blocked_path_pays
-        functional.blocked_path_pays = lambda layout, tokens, block: True  # force the blocked path
+        dispatch_rule = dispatch.blocked_path_pays
+        dispatch.blocked_path_pays = lambda layout, tokens, block: True  # force the blocked path
         sweep = []
         for block in args.blocks:
             for density in args.sweep_densities:
                 row = measure(args.tokens, args.features, block, density, args.repeats)
                 sweep.append({**row, "path": "blocked (forced)"})
                 print(format_table(sweep[-1:]).splitlines()[-1], flush=True)
-        functional.blocked_path_pays = dispatch_rule
+        dispatch.blocked_path_pays = dispatch_rule
         report += [
             "",
             "Blocked path forced (the dispatch rule of hf_sdt.functional off), to see where it stops paying:",

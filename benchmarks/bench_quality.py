@@ -30,7 +30,7 @@ import tempfile
 
 from benchmark_report import finish_report
 
-from hf_sdt.cli import parse_train_args
+from hf_sdt.arguments import parse_train_args
 from hf_sdt.demo import demo_argv
 from hf_sdt.training import run_training
 

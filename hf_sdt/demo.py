@@ -14,7 +14,7 @@ import importlib.resources
 import json
 import os
 
-from .cli import parse_train_args, values_to_flags
+from .arguments import parse_train_args, values_to_flags
 from .training import run_training
 
 DATA = importlib.resources.files("hf_sdt.data")

@@ -1,9 +1,9 @@
 """SDT layers: linear layers whose weight is cut into blocks, of which only the active ones are used.
 
 `SDTLinear` (weights mode): the weight itself is block-sparse, stored dense; `SDTCompactLinear` (weights mode with
-a fixed number of blocks): only the active blocks are stored, in a compact block store. `SDTUpdateLinear` (updates
-mode): the pretrained weight is frozen and only a compact store of block updates is trained. All derive from
-`SDTLayer`; the compact stores are those of `hf_sdt.blocks`, and both modes use the same products.
+a fixed number of blocks): only the active blocks are stored, in a compact block store. Both derive from `SDTLayer`,
+as updates mode's `SDTUpdateLinear` (`hf_sdt.update_layer`) does; the compact stores are those of `hf_sdt.blocks`,
+and both modes use the same products.
 """
 
 from __future__ import annotations
@@ -11,20 +11,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import block_ids_of, check_block_ids, gather_blocks, mask_of, scatter_blocks_, zero_inactive_blocks_
+from .blocks import block_ids_of, check_block_ids, gather_blocks, mask_of, zero_inactive_blocks_
 from .functional import (
     cached_compact_layout,
     cached_layout,
     compact_linear,
     dense_of_blocks,
     record_active_blocks,
-    reference_linear,
     sdt_linear,
-    sparse_update_linear,
-    tensor_version,
 )
 from .masks import block_grid, expand_block_mask, masked_fraction
-from .sharding import full_tensor, local_window, shard_like, sum_over_shards, zero_at_
+from .sharding import full_tensor, local_window, shard_like, zero_at_
 from .topology import reassign_slots
 
 
@@ -120,11 +117,6 @@ class SDTLinear(SDTLayer):
         if tuple(mask.shape) != expected:
             raise ValueError(f"Mask of shape {tuple(mask.shape)} does not fit this layer: expected {expected}.")
         self.register_buffer("sdt_mask", mask.to(device=self.weight.device, dtype=torch.bool).clone())
-        # Set by the SDT controller around topology updates (see hf_sdt.trainer), not saved with the model:
-        self.capture_dense_grad = False  # next backward also hands over the dense weight gradient
-        self.track_input_norms = False  # forward accumulates squared input-feature norms (Wanda scores)
-        self.dense_grad: torch.Tensor | None = None  # (out, in), fp32, summed over micro-batches
-        self.input_sq_norm: torch.Tensor | None = None  # (in,), fp32
         self.apply_mask_()
         # A loaded checkpoint may hold values outside its mask; every backend ignores them, and zeroing them keeps
         # the weights equal to what the layer computes with.
@@ -176,29 +168,7 @@ class SDTLinear(SDTLayer):
         zero_inactive_blocks_(local, self.sdt_mask, self.block_size, offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        if (self.track_input_norms and self.training) or (self.capture_dense_grad and torch.is_grad_enabled()):
-            return self._forward_collecting_statistics(x)
-        return self._product(x)
-
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
         return sdt_linear(x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self.backend)
-
-    # Eager even under torch.compile: it runs on the few steps around a topology update only and writes to the layer,
-    # which a compiled graph cannot; the regular steps stay one graph, and no step recompiles.
-    @torch.compiler.disable
-    def _forward_collecting_statistics(self, x: torch.Tensor) -> torch.Tensor:
-        if self.track_input_norms and self.training:
-            squares = x.detach().float().square().reshape(-1, self.in_features).sum(0)  # (in,)
-            self.input_sq_norm = squares if self.input_sq_norm is None else self.input_sq_norm + squares
-        if self.capture_dense_grad and torch.is_grad_enabled():
-            return reference_linear(
-                x, self.weight_out_in, self.bias, self.sdt_mask, self.block_size, self._accumulate_dense_grad
-            )
-        return self._product(x)
-
-    def _accumulate_dense_grad(self, grad: torch.Tensor) -> None:
-        grad = grad.detach().float()
-        self.dense_grad = grad if self.dense_grad is None else self.dense_grad + grad
 
     def unload(self, merge: bool = True) -> nn.Module:
         """The original layer class with this layer's current parameters (zeros included; `merge` has no other
@@ -310,7 +280,7 @@ class SDTCompactLinear(SDTLinear):
         zero_at_(self.sdt_blocks, slots)
         return self.sdt_blocks, slots
 
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         shape = (self.out_features, self.in_features)
         return compact_linear(x, self.sdt_blocks, self.bias, self.sdt_block_ids, shape, self.backend)
 
@@ -347,122 +317,3 @@ def _compact_weight_from_state_dict(module: SDTCompactLinear, state_dict, prefix
     state_dict[prefix + "sdt_blocks"] = shard_like(
         gather_blocks(weight_out_in, ids, module.block_size), module.sdt_blocks
     )
-
-
-class SDTUpdateLinear(SDTLayer):
-    """Updates mode: a frozen pretrained `nn.Linear` / `Conv1D` plus trainable updates at a few active blocks.
-
-    State (all in the state dict): `weight`, frozen, holds the effective weight base + updates (materialized, so
-    that forward and dX are one dense GEMM each; outside the active blocks it is bit-identical to the pretrained
-    weight); `sdt_updates`, the one trainable parameter, fp32, (n_active, block_rows, block_cols), one slot per
-    active block; `sdt_block_ids` (n_active,), each slot's row-major block id; `sdt_base`, the pretrained values
-    of the active blocks in the weight's dtype, so that a dropped block returns exactly to them. The number of slots
-    never changes, so parameter shapes, optimizer states and DDP buckets stay valid through topology changes.
-
-    `weight` is rewritten at the active blocks by every forward in training mode (an optimizer step may have changed
-    the updates since, and optimizers need not bump a parameter's version counter), and otherwise by the first
-    forward or `state_dict()` after training or after the updates, block ids or base values were replaced; by every
-    forward under torch.compile.
-
-    Args:
-        base_layer (`nn.Linear` or `Conv1D`): the pretrained layer; its parameters are reused (and frozen).
-        block_size (`tuple[int, int]`): block (rows, cols) in the (out, in) layout.
-        block_ids (`torch.Tensor`): (n_active,) distinct row-major ids of the trainable blocks.
-        backend (`str`): `"auto"`, `"triton"`, `"torch"` or `"reference"`, see `SDTConfig.backend`.
-
-    Example:
-    >>> layer = SDTUpdateLinear(nn.Linear(8, 4), (2, 4), torch.tensor([0, 3]), "torch")
-    >>> layer.sdt_updates.shape, layer.weight.requires_grad
-    (torch.Size([2, 2, 4]), False)
-    >>> layer(torch.randn(3, 8)).sum().backward()
-    >>> layer.sdt_updates.grad.shape
-    torch.Size([2, 2, 4])
-    """
-
-    def __init__(self, base_layer: nn.Module, block_size: tuple[int, int], block_ids: torch.Tensor, backend="auto"):
-        super().__init__(base_layer, block_size, backend)
-        check_block_ids(block_ids, self.grid)
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        device = self.weight.device
-        self.register_buffer("sdt_block_ids", block_ids.to(device=device, dtype=torch.int64).clone())
-        self.register_buffer("sdt_base", gather_blocks(self.weight_out_in.detach(), self.sdt_block_ids, block_size))
-        self.sdt_updates = nn.Parameter(torch.zeros(block_ids.numel(), *block_size, device=device))
-        self._materialized: tuple = ()  # the state versions `weight` was last rewritten for
-        self._stale = True  # a training-mode forward ran since: an optimizer may have changed the updates
-        # A state dict (a checkpoint, save_pretrained) must hold the effective weight even right after an update.
-        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync_weight_())
-
-    @property
-    def block_mask(self) -> torch.Tensor:
-        return mask_of(self.sdt_block_ids, self.grid)
-
-    @property
-    def flops_fraction(self) -> float:
-        return (2 + self.density) / 3  # forward and dX are dense, the weight gradient covers the active blocks
-
-    def _versions(self) -> tuple:
-        return tuple((t, tensor_version(t)) for t in (self.sdt_updates, self.sdt_block_ids, self.sdt_base))
-
-    def _is_current(self, state: tuple) -> bool:
-        return bool(state) and all(
-            old[0] is new[0] and old[1] == new[1] for old, new in zip(state, self._versions(), strict=True)
-        )
-
-    def sync_weight_(self) -> None:
-        """Rewrite the active blocks of `weight` unless they are known to be current (see the class docstring)."""
-        if self.training or self._stale or not self._is_current(self._materialized):
-            self.materialize_()
-        self._stale = self.training
-
-    def materialize_(self) -> None:
-        """Write base + updates into the active blocks of `weight` (of every shard, under FSDP2)."""
-        self._write_effective_blocks_()
-        self._materialized = self._versions()
-
-    @torch.no_grad()
-    def _write_effective_blocks_(self) -> None:
-        self._write_blocks_(self.sdt_base.float() + full_tensor(self.sdt_updates.detach()), self.sdt_block_ids)
-
-    def _write_blocks_(self, values: torch.Tensor, block_ids: torch.Tensor) -> None:
-        local, offset = self.local_out_in(self.weight)
-        shape = (self.out_features, self.in_features)
-        scatter_blocks_(local, values, block_ids, self.block_size, shape, offset)
-
-    @torch.no_grad()
-    def move_blocks_(self, slots: torch.Tensor, new_block_ids: torch.Tensor) -> None:
-        """Give `slots` to the blocks `new_block_ids` (inactive until now): the old blocks return exactly to their
-        pretrained values, the new ones start with a zero update. The caller resets their optimizer state."""
-        self._write_blocks_(self.sdt_base[slots], self.sdt_block_ids[slots])
-        ids = self.sdt_block_ids.clone()
-        ids[slots] = new_block_ids.to(ids)
-        check_block_ids(ids, self.grid)
-        self.sdt_block_ids.copy_(ids)
-        local, offset = self.local_out_in(self.weight)
-        shape = (self.out_features, self.in_features)
-        base = gather_blocks(local, new_block_ids.to(ids), self.block_size, shape, offset)
-        self.sdt_base[slots] = sum_over_shards(base, self.weight)
-        zero_at_(self.sdt_updates, slots)
-        self.materialize_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        if torch.compiler.is_compiling():
-            # A compiled graph cannot read version counters: it rewrites the active blocks on every call (density x
-            # the weight's bytes), in place, and marks them stale so that the next eager call rewrites them too.
-            self._write_effective_blocks_()
-            self._stale = True
-        else:
-            self.sync_weight_()
-        return sparse_update_linear(
-            x, self.weight_out_in, self.bias, self.sdt_updates, self.sdt_block_ids, self.block_size, self.backend
-        )
-
-    @torch.no_grad()
-    def unload(self, merge: bool = True) -> nn.Module:
-        """The original layer class, with the updates merged into its weight (`merge=True`) or with the pretrained
-        weight restored (`merge=False`)."""
-        self.materialize_()
-        if not merge:
-            self._write_blocks_(self.sdt_base, self.sdt_block_ids)
-        return self._base_layer_with(self.weight)

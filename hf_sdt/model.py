@@ -13,10 +13,11 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from .config import ALL_LINEAR, SDTConfig
-from .layer import SDTCompactLinear, SDTLayer, SDTLinear, SDTUpdateLinear
+from .layer import SDTCompactLinear, SDTLayer, SDTLinear
 from .masks import block_element_counts, block_grid, block_norms, topk_block_mask
 from .schedule import initial_density, target_block_counts
 from .topology import global_block_counts
+from .update_layer import SDTUpdateLinear
 
 logger = logging.getLogger(__name__)
 

@@ -119,7 +119,8 @@ class SDTTrainer(Trainer):
         """Write hf_sdt's card (summary table, density chart, mask picture) instead of Trainer's generic one."""
         if not self.is_world_process_zero():
             return
-        from .hub import card_metrics_from_log, hub_base_model, write_model_card
+        from .card import card_metrics_from_log, write_model_card
+        from .hub import hub_base_model
 
         controller = self.sdt_callback.controller
         runtime = next((e["train_runtime"] for e in reversed(self.state.log_history) if "train_runtime" in e), None)

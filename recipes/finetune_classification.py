@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from hf_sdt import SDTTrainer
-from hf_sdt.cli import add_sdt_arguments, expand_config_file, sdt_config_from
+from hf_sdt.arguments import add_sdt_arguments, expand_config_file, sdt_config_from
 from hf_sdt.training import end_distributed, is_main_process
 
 

@@ -29,9 +29,9 @@ def make_block_mask(kind: str, shape: tuple[int, int], block: tuple[int, int], s
 @pytest.fixture
 def force_blocked_path(monkeypatch):
     """The blocked path itself is under test: no call may fall back to the dense GEMM."""
-    from hf_sdt import functional
+    from hf_sdt.functional import dispatch
 
-    monkeypatch.setattr(functional, "blocked_path_pays", lambda layout, tokens, block: True)
+    monkeypatch.setattr(dispatch, "blocked_path_pays", lambda layout, tokens, block: True)
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """Shared by the tests and the 2-process worker script: a tiny GPT-2 on a public-domain novel, its training and its
 compiled run."""
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
@@ -16,6 +18,18 @@ def tiny_gpt2() -> GPT2LMHeadModel:
     config = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64)
     config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0  # runs with different batch splits must agree
     return GPT2LMHeadModel(config)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run with one intra-op thread, as the multi-process workers do (OMP_NUM_THREADS=1): a one-process reference
+    then reduces in the same order as they do, instead of differing by float reordering that steps amplify."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def make_config(**overrides) -> SDTConfig:

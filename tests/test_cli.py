@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from hf_sdt import SDTConfig
-from hf_sdt.cli import main, parse_train_args
+from hf_sdt.arguments import parse_train_args
+from hf_sdt.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "recipes" / "configs" / "tiny.yaml")

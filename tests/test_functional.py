@@ -164,7 +164,7 @@ def test_compact_store_products_match_reference(shape, block, mask_kind, path, d
                                                 monkeypatch):  # fmt: skip
     """Weights mode with compact storage: forward, dX and the compact gradient of the blocks (zero in the padding
     of edge slots), slots in a shuffled order, on odd shapes and masks with empty block-lines."""
-    monkeypatch.setattr(functional, "blocked_path_pays", lambda layout, tokens, block: path == "blocked")
+    monkeypatch.setattr(functional.dispatch, "blocked_path_pays", lambda layout, tokens, block: path == "blocked")
     generator = torch.Generator().manual_seed(3)
     ids = block_ids_of(block_mask_factory(mask_kind, shape, block))
     ids = ids[torch.randperm(ids.numel(), generator=generator)]

@@ -8,6 +8,8 @@ from sdt_helpers import ByteChunks, make_config, tiny_gpt2, training_args
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from hf_sdt import SDTConfig, SDTTrainer, get_sdt_model, hub, merge_and_unload, sdt_layers
+from hf_sdt import adapter as sdt_adapter
+from hf_sdt import card as sdt_card
 
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -106,11 +108,11 @@ def test_unreachable_repo_suggests_a_local_path():
 
 def test_card_has_metadata_table_and_pictures(tmp_path):
     model = odd_sdt_model()
-    hub.write_model_card(model, tmp_path, repo_id="me/odd", base_model="gpt2", metrics={"eval_loss": 2.5})
+    sdt_card.write_model_card(model, tmp_path, repo_id="me/odd", base_model="gpt2", metrics={"eval_loss": 2.5})
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "hf_sdt" and {"sdt", "sparse"} <= set(card.data.tags)
     assert card.data.base_model == "gpt2"
-    for image in hub.CARD_IMAGES:
+    for image in sdt_card.CARD_IMAGES:
         assert f"]({image})" in card.text
         assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| eval_loss | 2.5 |" in card.text and "| training wall time | not measured |" in card.text
@@ -149,7 +151,7 @@ def test_trainer_pushes_during_and_after_training(tmp_path, hub_server):
     commits = hub_server.repos["test-user/trained"]
     assert len(commits) >= 3, "intermediate pushes and the final one"
     _, files = hub_server.files("test-user/trained")
-    assert {"README.md", "config.json", "model.safetensors", *hub.CARD_IMAGES} <= set(files)
+    assert {"README.md", "config.json", "model.safetensors", *sdt_card.CARD_IMAGES} <= set(files)
     card = ModelCard.load("test-user/trained")
     assert "sdt" in card.data.tags
     assert "not measured" not in card.text.split("| linear FLOPs saved")[1].split("\n")[0]
@@ -181,13 +183,14 @@ def test_adapter_round_trip_through_the_hub_is_exact_and_merges(tmp_path, hub_se
     want = model(IDS).logits
     hub.push_to_hub(model, "test-user/adapter", datasets=["austen"])
     _, files = hub_server.files("test-user/adapter")
-    assert {hub.ADAPTER_CONFIG_NAME, hub.ADAPTER_WEIGHTS_NAME, "README.md", *hub.CARD_IMAGES} == set(files)
+    adapter_files = {sdt_adapter.ADAPTER_CONFIG_NAME, sdt_adapter.ADAPTER_WEIGHTS_NAME}
+    assert {*adapter_files, "README.md", *sdt_card.CARD_IMAGES} == set(files)
     layers = sdt_layers(model).values()
     targeted_bytes = sum(layer.weight.numel() * 4 for layer in layers)
     id_bytes = sum(layer.sdt_block_ids.numel() * 8 for layer in layers)
     weighted_density = sum(layer.density * layer.weight.numel() for layer in layers) / (targeted_bytes / 4)
     padded = sum(layer.sdt_updates.numel() for layer in layers) / sum(layer.weight.numel() for layer in layers)
-    assert len(files[hub.ADAPTER_WEIGHTS_NAME]) < padded * targeted_bytes + id_bytes + 4096
+    assert len(files[sdt_adapter.ADAPTER_WEIGHTS_NAME]) < padded * targeted_bytes + id_bytes + 4096
     assert padded < weighted_density * 1.2, "edge padding stays small"
     card = ModelCard.load("test-user/adapter")
     assert card.data.base_model == "test-user/base" and card.data.base_model_relation == "adapter"
@@ -221,7 +224,7 @@ def test_adapter_errors_are_clear_and_leave_the_base_untouched(tmp_path):
     with pytest.raises(ValueError, match="records no base model"):
         hub.save_pretrained(trained_adapter_model(odd_gpt2()), tmp_path / "orphan")
         hub.from_pretrained(str(tmp_path / "orphan"))
-    weights = tmp_path / "adapter" / hub.ADAPTER_WEIGHTS_NAME
+    weights = tmp_path / "adapter" / sdt_adapter.ADAPTER_WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=f"{weights}.*corrupt or incomplete"):
         hub.from_pretrained(str(tmp_path / "adapter"))
@@ -238,7 +241,7 @@ def test_trainer_in_updates_mode_pushes_an_adapter(tmp_path, hub_server):
     trainer.train()
     trainer.push_to_hub()
     _, files = hub_server.files("test-user/sft")
-    assert {hub.ADAPTER_WEIGHTS_NAME, hub.ADAPTER_CONFIG_NAME, "README.md"} <= set(files)
+    assert {sdt_adapter.ADAPTER_WEIGHTS_NAME, sdt_adapter.ADAPTER_CONFIG_NAME, "README.md"} <= set(files)
     assert "model.safetensors" not in files
     assert ModelCard.load("test-user/sft").data.base_model_relation == "adapter"
 

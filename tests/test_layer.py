@@ -141,7 +141,7 @@ def test_compact_storage_computes_and_trains_like_dense_storage(
 ):
     """Forward, both gradients, AdamW steps and a drop/grow with its optimizer-state reset give the same weights
     whether a layer stores its whole weight or only its active blocks, on every product path."""
-    monkeypatch.setattr(sdt_functional, "blocked_path_pays", lambda layout, tokens, block: path == "blocked")
+    monkeypatch.setattr(sdt_functional.dispatch, "blocked_path_pays", lambda layout, tokens, block: path == "blocked")
     mask = block_mask_factory(mask_kind, (50, 70), (16, 32))
     dense, compact = dense_and_compact(kind, mask, "reference" if path == "reference" else "torch")
     x = torch.randn(3 if path == "few-token" else 13, 70, generator=torch.Generator().manual_seed(1))

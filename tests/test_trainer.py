@@ -13,6 +13,7 @@ from sdt_helpers import (
     assert_same_state,
     make_config,
     make_updates_config,
+    one_thread,
     tiny_gpt2,
     train_and_save_state,
     training_args,
@@ -211,7 +212,8 @@ def test_two_processes_agree_with_each_other_and_with_one(tmp_path, mode):
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    train_and_save_state(str(tmp_path), batch_size=8, mode=mode)  # the same global batch in one process
+    with one_thread():
+        train_and_save_state(str(tmp_path), batch_size=8, mode=mode)  # the same global batch in one process
     rank0, rank1, single = (
         torch.load(tmp_path / name) for name in ("world2_rank0.pt", "world2_rank1.pt", "world1_rank0.pt")
     )

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import hf_sdt
 from hf_sdt import sparsity_summary
-from hf_sdt.cli import parse_train_args
+from hf_sdt.arguments import parse_train_args
 from hf_sdt.training import run_training
 
 TINY = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny.yaml")
