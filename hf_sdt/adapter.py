@@ -43,7 +43,7 @@ def save_adapter(
               metadata={"format": ADAPTER_FORMAT})  # fmt: skip
     description = {
         "format": ADAPTER_FORMAT,
-        "base_model_name_or_path": base_model or getattr(model.config, "_name_or_path", None) or None,
+        "base_model_name_or_path": _recorded_base(base_model or getattr(model.config, "_name_or_path", None)),
         "revision": revision,
         "architectures": [type(model).__name__],
         "layer_shapes": {name: [layer.out_features, layer.in_features] for name, layer in sdt_layers(model).items()},
@@ -73,6 +73,11 @@ def load_adapter(folder: str, base_model, model_class, kwargs) -> nn.Module:
             raise ValueError(
                 f"The adapter in {folder} records no base model; pass base_model= (a Hub id, a folder or a model)."
             )
+        if not base_model and os.path.isabs(source) and not os.path.isdir(source):
+            raise OSError(
+                f"The adapter in {folder} records its base model as the local folder {source!r}, which does not "
+                "exist (here). Pass base_model= (the folder of a copy of that model, its Hub id, or a loaded model)."
+            )
         revision = None if base_model else description.get("revision")
         cls = model_class_for(description.get("architectures"), model_class)
         try:
@@ -85,6 +90,14 @@ def load_adapter(folder: str, base_model, model_class, kwargs) -> nn.Module:
     shapes = {name: tuple(shape) for name, shape in description.get("layer_shapes", {}).items()}
     apply_adapter_(model, sdt_config, tensors, source=folder, shapes=shapes)
     return model
+
+
+def _recorded_base(source: str | None) -> str | None:
+    """The base model as an adapter records it: a local folder as its absolute path (so that the adapter loads from
+    any working directory), a Hub id as it is, None when there is none."""
+    if not source:
+        return None
+    return os.path.abspath(source) if os.path.isdir(source) else source
 
 
 def apply_adapter_(
@@ -126,12 +139,22 @@ def apply_adapter_(
                 raise ValueError(f"updates of shape {tuple(tensors[name + UPDATES_SUFFIX].shape)}, not {expected}")
             if converted and not isinstance(layer, SDTUpdateLinear):
                 raise ValueError("the model was converted in weights mode; load the adapter onto its base model")
-            if converted and (layer.block_size != block or layer.sdt_updates.shape != expected):
-                raise ValueError(f"the model's layer has {layer.sdt_updates.shape[0]} blocks of {layer.block_size}")
+            if converted and layer.block_size != block:
+                raise ValueError(
+                    f"the adapter has blocks of {block}, the model is configured with blocks of {layer.block_size} "
+                    "(SDTConfig.block_size): convert the model with the adapter's block size"
+                )
+            if converted and layer.sdt_updates.shape != expected:
+                raise ValueError(f"the adapter has {expected[0]} blocks, the layer {layer.sdt_updates.shape[0]}")
+            if converted and layer.update_scale != sdt_config.update_scale:
+                raise ValueError(
+                    f"the adapter was trained with update_scale={sdt_config.update_scale}, the model is configured "
+                    f"with {layer.update_scale} (SDTConfig.update_scale): the same updates would give other weights"
+                )
         except ValueError as error:
             raise ValueError(
-                f"The adapter from {source} does not fit layer {name!r} ({shape[0]} x {shape[1]}, blocks of {block}): "
-                f"{error}. Is it an adapter for another base model?"
+                f"The adapter from {source} does not fit layer {name!r} ({shape[0]} x {shape[1]}): {error}."
+                + ("" if converted else " Is it an adapter for another base model?")
             ) from error
     state = model.state_dict()
     dense = {key: value for key, value in tensors.items() if not key.endswith((UPDATES_SUFFIX, BLOCK_IDS_SUFFIX))}

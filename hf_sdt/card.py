@@ -104,7 +104,8 @@ def write_model_card(
         card_data,
         template_str=template.read_text(encoding="utf-8"),
         model_name=(repo_id or type(model).__name__).split("/")[-1],
-        repo_id=repo_id or "path/to/this/folder",
+        repo_id=repo_id or os.path.abspath(directory),
+        auto_class=auto_class_name(model),
         base_model=base_model,
         architecture=type(model).__name__,
         n_layers=len(summary["layers"]),
@@ -120,6 +121,35 @@ def write_model_card(
     )
     card.save(os.path.join(directory, "README.md"))
     return card
+
+
+# transformers' Auto classes by the model classes they build, most specific first (`AutoModel` builds the bare model).
+AUTO_CLASSES = (
+    ("AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("AutoModelForSeq2SeqLM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("AutoModelForQuestionAnswering", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("AutoModelForMaskedLM", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+)
+
+
+def auto_class_name(model: nn.Module) -> str:
+    """The transformers Auto class that loads `model`'s class (its task head included), `AutoModel` otherwise.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> auto_class_name(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2)))
+        'AutoModelForCausalLM'
+    """
+    from transformers.models.auto import modeling_auto
+
+    name = type(model).__name__
+    for auto_class, mapping in AUTO_CLASSES:
+        classes = getattr(modeling_auto, mapping).values()
+        if any(name == entry or name in entry for entry in classes if isinstance(entry, (str, tuple))):
+            return auto_class
+    return "AutoModel"
 
 
 def card_metrics_from_log(log_history: list[dict]) -> dict[str, float]:

@@ -27,6 +27,9 @@ def _train(argv: list[str]) -> None:
         metrics = run_training(model_args, data_args, training_args, sdt_config)
         if is_main_process():
             print(json.dumps(metrics, indent=2, sort_keys=True))
+            folder = os.path.abspath(training_args.output_dir)
+            saved = ", ".join(sorted(name for name in os.listdir(folder) if name.endswith(".safetensors")))
+            print(f"Saved to {folder} ({saved})")
     finally:
         end_distributed()
 
@@ -87,4 +90,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -22,6 +23,8 @@ MODE_DEFAULTS = {
     "weights": {"density": 0.25, "update_interval": 100},
     "updates": {"density": 0.05, "update_interval": 20},
 }
+# Updates mode's default `update_scale` is sqrt(UPDATE_SCALE_DENSITY / density): 2.0 at the default density 0.05.
+UPDATE_SCALE_DENSITY = 0.2
 
 
 @dataclass
@@ -38,8 +41,8 @@ class SDTConfig:
       set of updates to them is trained, stored compactly as (n_active, block_rows, block_cols) and saved as a small
       adapter. The active set is chosen by gradient over the first `selection_steps` steps and re-chosen every
       `update_interval` steps (drop the blocks with the smallest update, grow those with the largest gradient).
-      Start from a learning rate about 10x that of full fine-tuning (1e-3 vs 1e-4 on SmolLM2-135M in
-      `benchmarks/results/finetune_smollm2.md`): few weights move, so each must move further. The fields
+      The updates enter the weight scaled by `update_scale` (as LoRA's `lora_alpha / r`), so that the learning
+      rate you would give LoRA works here too (`benchmarks/results/finetune_classification.md`). The fields
       `initial_density`, `schedule*` and `prune_criterion` belong to weights mode and are ignored here.
 
     Args:
@@ -113,6 +116,12 @@ class SDTConfig:
         modules_to_save (`list[str]`, *optional*):
             Updates mode: modules trained densely and saved with the adapter, matched like `target_modules` (PEFT's
             field). By default the classification head (`classifier` or `score`) when the model has one.
+        update_scale (`float`, defaults to `sqrt(0.2 / density)` in updates mode, 2.0 at density 0.05):
+            Updates mode: the effective weight is `base + update_scale * updates`, as LoRA's `lora_alpha / r` scales
+            its product. With Adam each trained weight moves by about `update_scale x learning rate` per step; few
+            weights move, so each must move further than in full fine-tuning, and the fewer they are (the lower the
+            density) the further: the default grows as 1 / sqrt(density). It is saved with the adapter. Ignored in
+            weights mode (None there).
 
     Example:
     >>> from hf_sdt import SDTConfig
@@ -201,6 +210,13 @@ class SDTConfig:
             "head, if any)."
         },
     )
+    update_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Updates mode: effective weight = base + update_scale * updates, like LoRA's lora_alpha / r "
+            "(default sqrt(0.2 / density): 2.0 at density 0.05)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, list):
@@ -217,6 +233,8 @@ class SDTConfig:
         for name, value in MODE_DEFAULTS[self.mode].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.mode == "updates" and self.update_scale is None and _is_number(self.density) and self.density > 0:
+            self.update_scale = math.sqrt(UPDATE_SCALE_DENSITY / self.density)
         self.validate()
 
     @property
@@ -231,7 +249,7 @@ class SDTConfig:
 
     def validate(self) -> None:
         """Raise a `ValueError` that names the field when a value is out of range."""
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+        if not _is_number(self.density):
             raise ValueError(f"SDTConfig.density must be a number in (0, 1], got {self.density!r}.")
         if not 0 < self.density <= 1:
             raise ValueError(
@@ -276,6 +294,11 @@ class SDTConfig:
                 f"schedule={self.schedule!r} with distribution={self.distribution!r} changes it: use "
                 "schedule='constant' with the 'uniform' or 'erk' distribution, or storage='auto' (dense here)."
             )
+        if self.update_scale is not None and not (_is_number(self.update_scale) and self.update_scale > 0):
+            raise ValueError(
+                f"SDTConfig.update_scale must be a positive number, got {self.update_scale!r} (the factor of the "
+                "updates in the effective weight; leave it unset for the default)."
+            )
         if self.mode == "updates" and self.distribution == "global":
             raise ValueError(
                 "SDTConfig.distribution='global' moves blocks between layers, but in updates mode every layer keeps "
@@ -312,6 +335,8 @@ class SDTConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"Unknown SDTConfig field(s) {unknown}; known fields are {sorted(known)}.")
+        if data.get("mode") == "updates" and "update_scale" not in data:
+            data = {**data, "update_scale": 1.0}  # saved before the field existed: trained unscaled
         return cls(**data)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> str:
@@ -331,6 +356,10 @@ class SDTConfig:
             raise FileNotFoundError(f"No {CONFIG_NAME} found at {path}; save one with SDTConfig.save_pretrained().")
         with open(file, encoding="utf-8") as handle:
             return cls.from_dict(json.load(handle))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _as_pair(block_size: int | tuple[int, int]) -> tuple[int, int]:

@@ -215,6 +215,16 @@ def _load_packed(path: str, config, cls, sdt_config: SDTConfig) -> nn.Module:
         weight = torch.zeros(element_mask.shape, dtype=active.dtype)
         weight[element_mask] = active
         state[name + ".weight"] = weight
+    expected = model.state_dict()
+    wrong = [key for key in state if key in expected and tuple(state[key].shape) != tuple(expected[key].shape)]
+    if wrong:
+        key = wrong[0]
+        raise ValueError(
+            f"Packed checkpoint {path} does not fit its model's config: {key!r} has shape {tuple(state[key].shape)}, "
+            f"{cls.__name__} built from config.json expects {tuple(expected[key].shape)}"
+            + (f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else "")
+            + ". The file is corrupt or was saved from another model."
+        )
     result = model.load_state_dict(state, strict=False)
     missing = set(result.missing_keys) - _tied_keys(model)
     if missing or result.unexpected_keys:

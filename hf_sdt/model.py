@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import warnings
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -24,6 +26,48 @@ logger = logging.getLogger(__name__)
 LINEAR_LIKE = (nn.Linear, Conv1D)
 # The heads that updates mode trains densely by default (PEFT's modules_to_save for sequence classification).
 CLASSIFIER_HEADS = ("classifier", "score")
+# SDT layers whose schedule a controller runs (`mark_controlled`); a model that trains while none of its SDT layers
+# is here gets one warning that its schedule never runs.
+_CONTROLLED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def mark_controlled(layers: Iterable[nn.Module]) -> None:
+    """Record that a controller (`SDTController`, driven by `SDTTrainer` / `SDTCallback` or a plain loop) runs the
+    schedule and topology updates of these SDT layers, so that their model trains without the warning of
+    `UncontrolledTrainingWarning`."""
+    _CONTROLLED.update(layers)
+
+
+class UncontrolledTrainingWarning:
+    """A forward pre-hook that `get_sdt_model` puts on the converted model: at its first training forward (one that
+    builds a graph), if no controller runs the schedule of its SDT layers, it warns once that SDT's schedule
+    (pruning, drop/grow, updates mode's selection) will not happen, and how to run it; then it removes itself."""
+
+    def __init__(self, layers: list[nn.Module], config: SDTConfig):
+        self.layers = weakref.WeakSet(layers)
+        self.config = config
+        self.handle = None
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        self.handle.remove()
+        if any(layer in _CONTROLLED for layer in self.layers):
+            return
+        config = self.config
+        if config.mode == "updates":
+            missed = "the trainable blocks stay the random ones they started as: no gradient selection, no drop/grow"
+        elif config.schedule != "constant" and config.initial_density > config.density:
+            missed = f"the density stays at {config.initial_density} and nothing is pruned towards {config.density}"
+        else:
+            missed = "the active blocks never move: no drop/grow"
+        warnings.warn(
+            f"This SDT model is training without an SDT controller, so {missed}. Train it with hf_sdt.SDTTrainer "
+            "(or add hf_sdt.SDTCallback to another Trainer), or call hf_sdt.SDTController's begin_step / "
+            "before_optimizer_step / after_optimizer_step in your loop (this warning is shown once).",
+            stacklevel=2,
+        )
 
 
 def _matches(name: str, pattern: list[str] | str) -> bool:
@@ -196,6 +240,7 @@ def get_sdt_model(
     if config.distribution != "global":
         counts = target_block_counts(shapes, block, config.density, config.distribution)
         if masks is None and block_ids is None:  # a saved model being loaded warned when it was converted
+            _check_some_layer_is_sparse(targets, shapes, config, counts)
             _warn_if_density_rounds(shapes, block, config.density, counts)
     stored = config.to_dict()
     if config.mode == "updates":
@@ -210,7 +255,7 @@ def get_sdt_model(
         for name in dense_modules:
             model.get_submodule(name).requires_grad_(True)
         new_layers = [
-            SDTUpdateLinear(layer, block, layer_ids, config.backend)
+            SDTUpdateLinear(layer, block, layer_ids, config.backend, config.update_scale)
             for layer, layer_ids in zip(layers, ids, strict=True)
         ]
     else:
@@ -232,9 +277,37 @@ def get_sdt_model(
     for name, new_layer in zip(targets, new_layers, strict=True):
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, new_layer)
+    warning = UncontrolledTrainingWarning(new_layers, config)
+    warning.handle = model.register_forward_pre_hook(warning)
     if hasattr(model, "config"):
         model.config.sdt_config = stored
     return model
+
+
+def _check_some_layer_is_sparse(targets: list[str], shapes: list[tuple[int, int]], config: SDTConfig, counts) -> None:
+    """Refuse a density below 1 that no targeted layer can honour: blocks so large that each layer keeps all of its
+    few blocks (at least one per layer), so the run would go on fully dense. Names a block size that works."""
+
+    def dense_layers(block: tuple[int, int], counts: list[int]) -> list[bool]:
+        return [count == rows * cols for count, (rows, cols) in zip(counts, _grids(shapes, block), strict=True)]
+
+    block = config.block_shape
+    if config.density >= 1 or not all(dense_layers(block, counts)):
+        return
+    side = max(block) // 2  # the largest power-of-two block that leaves no layer dense
+    while side > 1 and any(dense_layers((side, side), target_block_counts(shapes, (side, side), config.density,
+                                                                          config.distribution))):  # fmt: skip
+        side //= 2
+    names = ", ".join(f"{name} ({rows} x {cols})" for name, (rows, cols) in zip(targets[:3], shapes[:3], strict=True))
+    raise ValueError(
+        f"SDTConfig.density={config.density} cannot be honoured with blocks of {block}: every targeted layer has so "
+        f"few blocks that it keeps all of them, and the run would be fully dense ({names}"
+        f"{', ...' if len(targets) > 3 else ''}). Use smaller blocks, e.g. block_size={side}."
+    )
+
+
+def _grids(shapes: list[tuple[int, int]], block) -> list[tuple[int, int]]:
+    return [block_grid(shape, block) for shape in shapes]
 
 
 def _warn_if_density_rounds(shapes: list[tuple[int, int]], block, density: float, counts: list[int]) -> None:

@@ -130,7 +130,7 @@ class SDTTrainer(Trainer):
             self.args.output_dir,
             repo_id=self.hub_model_id
             if self.args.push_to_hub
-            else model_name or os.path.basename(self.args.output_dir),
+            else model_name or os.path.abspath(self.args.output_dir),
             base_model=base_model,
             datasets=dataset_name,
             metrics=card_metrics_from_log(self.state.log_history),

@@ -131,7 +131,9 @@ def build_model(model_args: ModelArguments, tokenizer, max_seq_length: int):
     """The pretrained model, or one from `model_config` sized to the tokenizer, whose special token ids it takes (a
     config's own defaults, e.g. GPT-2's 50256, would not exist in a small trained vocabulary)."""
     if model_args.model_name_or_path is not None:
-        return _from_hub_or_path(AutoModelForCausalLM.from_pretrained, model_args.model_name_or_path)
+        return _with_causal_lm_loss(
+            _from_hub_or_path(AutoModelForCausalLM.from_pretrained, model_args.model_name_or_path)
+        )
     if model_args.model_config is None:
         raise ValueError("Give --model_name_or_path (to fine-tune) or --model_config (a JSON config, from scratch).")
     special_tokens = {
@@ -141,7 +143,15 @@ def build_model(model_args: ModelArguments, tokenizer, max_seq_length: int):
     }
     values = {"vocab_size": len(tokenizer), "n_positions": max_seq_length, **special_tokens}
     config = AutoConfig.for_model(**{**values, **json.loads(model_args.model_config)})
-    return AutoModelForCausalLM.from_config(config)
+    return _with_causal_lm_loss(AutoModelForCausalLM.from_config(config))
+
+
+def _with_causal_lm_loss(model):
+    """Name the causal-LM loss that transformers falls back to for classes whose name does not give it (GPT-2's
+    `GPT2LMHeadModel`), which it would otherwise announce as "`loss_type=None` ... unrecognized" on every run."""
+    if getattr(model, "loss_type", None) is None:
+        model.loss_type = "ForCausalLM"
+    return model
 
 
 def _from_hub_or_path(loader, name: str):
@@ -185,7 +195,14 @@ def run_training(
     sdt_config: SDTConfig | None,
 ) -> dict[str, float]:
     """Train (with SDT unless `sdt_config` is None), evaluate, save model, tokenizer and card; return the metrics:
-    Trainer's own (`train_runtime`, `eval_loss`, ...) plus `perplexity` and, with SDT, the final `sdt/*` values."""
+    Trainer's own (`train_runtime`, `eval_loss`, ...) plus `perplexity` and, with SDT, the final `sdt/*` values.
+    Updates mode needs a pretrained model (`model_name_or_path`): its adapter holds only changes to one."""
+    if sdt_config is not None and sdt_config.mode == "updates" and model_args.model_name_or_path is None:
+        raise ValueError(
+            "SDTConfig.mode='updates' fine-tunes a pretrained model and saves only an adapter of changes to it, but "
+            "this run builds its model from --model_config (random weights, which would be saved nowhere). Give "
+            "--model_name_or_path (a folder or Hub id), or train from scratch in weights mode (--mode weights)."
+        )
     raw = load_text_datasets(data_args)
     tokenizer = build_tokenizer(model_args, raw["train"][data_args.text_column])
     datasets = tokenize_and_pack(raw, tokenizer, data_args)

@@ -18,12 +18,13 @@ from .sharding import full_tensor, sum_over_shards, zero_at_
 class SDTUpdateLinear(SDTLayer):
     """Updates mode: a frozen pretrained `nn.Linear` / `Conv1D` plus trainable updates at a few active blocks.
 
-    State (all in the state dict): `weight`, frozen, holds the effective weight base + updates (materialized, so
-    that forward and dX are one dense GEMM each; outside the active blocks it is bit-identical to the pretrained
-    weight); `sdt_updates`, the one trainable parameter, fp32, (n_active, block_rows, block_cols), one slot per
-    active block; `sdt_block_ids` (n_active,), each slot's row-major block id; `sdt_base`, the pretrained values
-    of the active blocks in the weight's dtype, so that a dropped block returns exactly to them. The number of slots
-    never changes, so parameter shapes, optimizer states and DDP buckets stay valid through topology changes.
+    State (all in the state dict): `weight`, frozen, holds the effective weight base + `update_scale` x updates
+    (materialized, so that forward and dX are one dense GEMM each; outside the active blocks it is bit-identical to
+    the pretrained weight); `sdt_updates`, the one trainable parameter, fp32, (n_active, block_rows, block_cols),
+    one slot per active block; `sdt_block_ids` (n_active,), each slot's row-major block id; `sdt_base`, the
+    pretrained values of the active blocks in the weight's dtype, so that a dropped block returns exactly to them.
+    The number of slots never changes, so parameter shapes, optimizer states and DDP buckets stay valid through
+    topology changes.
 
     `weight` is rewritten at the active blocks by every forward in training mode (an optimizer step may have changed
     the updates since, and optimizers need not bump a parameter's version counter), and otherwise by the first
@@ -35,6 +36,7 @@ class SDTUpdateLinear(SDTLayer):
         block_size (`tuple[int, int]`): block (rows, cols) in the (out, in) layout.
         block_ids (`torch.Tensor`): (n_active,) distinct row-major ids of the trainable blocks.
         backend (`str`): `"auto"`, `"triton"`, `"torch"` or `"reference"`, see `SDTConfig.backend`.
+        update_scale (`float`): the factor of the updates in the effective weight, see `SDTConfig.update_scale`.
 
     Example:
     >>> layer = SDTUpdateLinear(nn.Linear(8, 4), (2, 4), torch.tensor([0, 3]), "torch")
@@ -45,8 +47,10 @@ class SDTUpdateLinear(SDTLayer):
     torch.Size([2, 2, 4])
     """
 
-    def __init__(self, base_layer: nn.Module, block_size: tuple[int, int], block_ids: torch.Tensor, backend="auto"):
+    def __init__(self, base_layer: nn.Module, block_size: tuple[int, int], block_ids: torch.Tensor, backend="auto",
+                 update_scale: float = 1.0):  # fmt: skip
         super().__init__(base_layer, block_size, backend)
+        self.update_scale = float(update_scale)
         check_block_ids(block_ids, self.grid)
         self.weight.requires_grad_(False)
         if self.bias is not None:
@@ -89,7 +93,8 @@ class SDTUpdateLinear(SDTLayer):
 
     @torch.no_grad()
     def _write_effective_blocks_(self) -> None:
-        self._write_blocks_(self.sdt_base.float() + full_tensor(self.sdt_updates.detach()), self.sdt_block_ids)
+        updates = full_tensor(self.sdt_updates.detach())
+        self._write_blocks_(self.sdt_base.float() + self.update_scale * updates, self.sdt_block_ids)
 
     def _write_blocks_(self, values: torch.Tensor, block_ids: torch.Tensor) -> None:
         local, offset = self.local_out_in(self.weight)
@@ -121,8 +126,9 @@ class SDTUpdateLinear(SDTLayer):
         else:
             self.sync_weight_()
         return sparse_update_linear(
-            x, self.weight_out_in, self.bias, self.sdt_updates, self.sdt_block_ids, self.block_size, self.backend
-        )
+            x, self.weight_out_in, self.bias, self.sdt_updates, self.sdt_block_ids, self.block_size, self.backend,
+            self.update_scale,
+        )  # fmt: skip
 
     @torch.no_grad()
     def unload(self, merge: bool = True) -> nn.Module:

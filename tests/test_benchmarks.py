@@ -65,3 +65,16 @@ def run_script(script: str, *argv: str, env: dict | None = None) -> None:
 @pytest.mark.parametrize("script", ["benchmarks/gpu_check.sh", "scripts/install.sh", ".ci/run"])
 def test_shell_scripts_parse(script):
     assert subprocess.run(["bash", "-n", str(ROOT / script)]).returncode == 0
+
+
+def test_classification_benchmark_logs_each_run_and_reports_every_method(tmp_path):
+    log, report = tmp_path / "runs.jsonl", tmp_path / "report.md"
+    run_script("bench_finetune_classification.py", "--smoke", "--log", str(log))
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [run["method"] for run in runs] == [
+        "untouched", "full", "lora", "shira", "updates_half", "updates", "updates_double"
+    ]  # fmt: skip
+    assert len({run["trainable"] for run in runs if run["method"] in ("lora", "shira")}) == 1, "equal budgets"
+    run_script("bench_finetune_classification.py", "--log", str(log), "--report", str(report))
+    text = report.read_text()
+    assert "Chance: 16.7%; the untouched encoder with its fresh head" in text and "| updates_double |" in text

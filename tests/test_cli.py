@@ -45,6 +45,9 @@ def test_newcomer_errors_are_clear(tmp_path, capsys):
         main(["train", TINY, "--train_files", str(tmp_path / "nothing.txt")])
     with pytest.raises(SystemExit, match="local folder"):
         main(["train", TINY, "--model_name_or_path", "nobody/not-a-model", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"fine-tunes a pretrained model.*--model_name_or_path"):
+        main(["train", TINY, "--mode", "updates", "--output_dir", str(tmp_path / "scratch")])
+    assert not (tmp_path / "scratch").exists(), "refused before training"
     with pytest.raises(SystemExit) as usage:
         main([])
     assert usage.value.code == 2 and "hf-sdt demo" in capsys.readouterr().out
@@ -60,6 +63,7 @@ def test_train_then_summary_through_the_console_script(tmp_path):
     out = tmp_path / "tiny"
     printed = run_cli(sys.executable, "-m", "hf_sdt.cli", "train", TINY, "--output_dir", str(out))
     assert '"eval_loss"' in printed and '"sdt/density"' in printed
+    assert f"Saved to {out} (model.safetensors, sdt_masks.safetensors)" in printed
     summary = run_cli(sys.executable, "-m", "hf_sdt.cli", "summary", str(out))
     assert "transformer.h.1.mlp.c_proj" in summary and "8 SDT layers" in summary
     assert (out / "README.md").is_file() and (out / "sdt_masks.png").is_file()

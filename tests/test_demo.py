@@ -1,5 +1,7 @@
 import re
 
+import pytest
+
 from hf_sdt import demo, from_pretrained, sdt_layers
 
 
@@ -28,3 +30,12 @@ def test_demo_code_path_reports_the_runs_own_metrics(tmp_path, monkeypatch):
     model = from_pretrained(str(tmp_path / "sdt"))
     assert sdt_layers(model)
     assert (tmp_path / "sdt" / "README.md").is_file() and (tmp_path / "sdt" / "sdt_density.png").is_file()
+
+
+def test_demo_help_shows_its_options_and_starts_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(demo, "run_training", lambda *args: pytest.fail("--help started a training run"))
+    with pytest.raises(SystemExit) as done:
+        demo.main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "usage: hf-sdt demo" in out and "--max_steps" in out and "--output_dir" in out
+    assert "=== dense run ===" not in out

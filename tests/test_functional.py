@@ -118,10 +118,10 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("triton", cpu)
 
 
-def run_updates(backend, x, weight, updates, ids, block):
+def run_updates(backend, x, weight, updates, ids, block, scale=1.0):
     x = x.detach().requires_grad_()
     updates = updates.detach().requires_grad_()
-    out = functional.sparse_update_linear(x, weight, None, updates, ids, block, backend)
+    out = functional.sparse_update_linear(x, weight, None, updates, ids, block, backend, scale)
     out.backward(torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype))
     return out, x.grad, updates.grad
 
@@ -130,8 +130,10 @@ def run_updates(backend, x, weight, updates, ids, block):
 @pytest.mark.parametrize("count", ["one", "some", "all"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
-def test_compact_update_gradient_matches_reference(shape, block, count, dtype, tol, conv1d):
-    """Updates mode: dX and the compact gradient of the updates equal the dense oracle's, on odd shapes too."""
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_compact_update_gradient_matches_reference(shape, block, count, dtype, tol, conv1d, scale):
+    """Updates mode: dX and the compact gradient of the updates (scaled by the update scale) equal the dense
+    oracle's, on odd shapes too."""
     generator = torch.Generator().manual_seed(0)
     n_blocks = block_grid(shape, block)[0] * block_grid(shape, block)[1]
     n_active = {"one": 1, "some": max(1, n_blocks // 3), "all": n_blocks}[count]
@@ -140,8 +142,8 @@ def test_compact_update_gradient_matches_reference(shape, block, count, dtype, t
     weight = torch.randn(shape[::-1] if conv1d else shape, generator=generator).to(dtype)
     weight = weight.t() if conv1d else weight  # (out, in), strided like a Conv1D weight
     updates = torch.randn(ids.numel(), *block, generator=generator)
-    expected = run_updates("reference", x, weight, updates, ids, block)
-    actual = run_updates("torch", x, weight, updates, ids, block)
+    expected = run_updates("reference", x, weight, updates, ids, block, scale)
+    actual = run_updates("torch", x, weight, updates, ids, block, scale)
     for got, want in zip(actual, expected, strict=True):
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
     assert actual[2].dtype == torch.float32

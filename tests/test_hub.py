@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -90,6 +91,17 @@ def test_mismatched_mask_names_the_layer(tmp_path, packed):
         hub.from_pretrained(str(tmp_path))
 
 
+def test_a_packed_tensor_of_the_wrong_size_names_the_file_and_the_tensor(tmp_path):
+    hub.save_pretrained(odd_sdt_model(), tmp_path, packed=True)
+    path = tmp_path / hub.PACKED_WEIGHTS_NAME
+    tensors = load_file(path)
+    key = "transformer.h.0.attn.c_proj.bias"
+    tensors[key] = tensors[key][:-7]
+    save_file(tensors, path, metadata={"format": hub.PACKED_FORMAT})
+    with pytest.raises(ValueError, match=rf"{path} does not fit its model's config: '{key}' has shape \(73,\)"):
+        hub.from_pretrained(str(tmp_path))
+
+
 def test_corrupt_packed_values_name_the_layer(tmp_path):
     hub.save_pretrained(odd_sdt_model(), tmp_path, packed=True)
     path = tmp_path / hub.PACKED_WEIGHTS_NAME
@@ -116,7 +128,11 @@ def test_card_has_metadata_table_and_pictures(tmp_path):
         assert f"]({image})" in card.text
         assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| eval_loss | 2.5 |" in card.text and "| training wall time | not measured |" in card.text
-    assert "hf_sdt.from_pretrained" in card.text and "AutoModel.from_pretrained" in card.text
+    assert 'hf_sdt.from_pretrained("me/odd")' in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("me/odd")' in card.text, "the task's Auto class, not the bare model"
+    sdt_card.write_model_card(model, tmp_path / "local")
+    local = (tmp_path / "local" / "README.md").read_text()
+    assert f'from_pretrained("{tmp_path / "local"}")' in local, "a card without a repo id loads from its own folder"
 
 
 def test_push_and_load_through_the_hub(hub_server):
@@ -269,3 +285,56 @@ def test_a_model_loaded_under_inference_mode_generates(tmp_path, mode):
         loaded = hub.from_pretrained(str(tmp_path / "sdt")).eval()
         for ids in (IDS, IDS[:, :1]):
             torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_an_adapter_records_a_local_base_as_an_absolute_path(tmp_path, monkeypatch):
+    """Saved after loading the base from a relative folder, the adapter loads from another working directory; a
+    recorded folder that is gone is named, with what to do."""
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    odd_gpt2().save_pretrained("tiny-base")
+    model = trained_adapter_model(AutoModelForCausalLM.from_pretrained("tiny-base"))
+    hub.save_pretrained(model, tmp_path / "adapter")
+    recorded = json.loads((tmp_path / "adapter" / sdt_adapter.ADAPTER_CONFIG_NAME).read_text())
+    assert recorded["base_model_name_or_path"] == str(tmp_path / "work" / "tiny-base")
+    monkeypatch.chdir(tmp_path)
+    loaded = hub.from_pretrained(str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    (tmp_path / "work" / "tiny-base").rename(tmp_path / "moved")
+    with pytest.raises(OSError, match=r"local folder .*tiny-base.* does not exist.*base_model="):
+        hub.from_pretrained(str(tmp_path / "adapter"))
+    assert hub.from_pretrained(str(tmp_path / "adapter"), base_model=str(tmp_path / "moved")) is not None
+
+
+def test_update_scale_is_saved_and_an_adapter_from_before_it_loads_unscaled(tmp_path):
+    odd_gpt2().save_pretrained(tmp_path / "base")
+    for scale in (1.0, 3.0):
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        model = get_sdt_model(base, SDTConfig(mode="updates", density=0.25, block_size=32, update_scale=scale))
+        with torch.no_grad():
+            for layer in sdt_layers(model).values():
+                layer.sdt_updates.normal_(std=0.1)
+        model.eval()
+        hub.save_pretrained(model, tmp_path / f"adapter-{scale}")
+        loaded = hub.from_pretrained(str(tmp_path / f"adapter-{scale}")).eval()
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+        assert all(layer.update_scale == scale for layer in sdt_layers(loaded).values())
+    config_path = tmp_path / "adapter-1.0" / sdt_adapter.ADAPTER_CONFIG_NAME
+    description = json.loads(config_path.read_text())
+    del description["sdt_config"]["update_scale"]  # as hf_sdt wrote adapters before the field existed
+    config_path.write_text(json.dumps(description))
+    loaded = hub.from_pretrained(str(tmp_path / "adapter-1.0")).eval()
+    assert all(layer.update_scale == 1.0 for layer in sdt_layers(loaded).values())
+    scaled = get_sdt_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                           SDTConfig(mode="updates", density=0.25, block_size=32, update_scale=2.0))  # fmt: skip
+    with pytest.raises(ValueError, match=r"trained with update_scale=3\.0, the model is configured with 2\.0"):
+        hub.from_pretrained(str(tmp_path / "adapter-3.0"), base_model=scaled)
+
+
+def test_an_adapter_with_another_block_size_says_which_block_sizes_differ(tmp_path):
+    odd_gpt2().save_pretrained(tmp_path / "base")
+    hub.save_pretrained(trained_adapter_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base")), tmp_path / "a")
+    other = get_sdt_model(odd_gpt2(), SDTConfig(mode="updates", density=0.25, block_size=16))
+    with pytest.raises(ValueError, match=r"adapter has blocks of \(32, 32\), the model is configured with blocks of "
+                                         r"\(16, 16\)"):  # fmt: skip
+        hub.from_pretrained(str(tmp_path / "a"), base_model=other)

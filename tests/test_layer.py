@@ -206,7 +206,7 @@ def test_compact_layer_refuses_a_mask_with_another_block_count():
     assert torch.equal(mask_of(compact.sdt_block_ids, (4, 3)), mask)
 
 
-def make_update_layer(conv1d: bool, dtype=torch.float32, ids=(0, 5, 3)):
+def make_update_layer(conv1d: bool, dtype=torch.float32, ids=(0, 5, 3), update_scale=1.0):
     """An updates-mode layer on an odd 50 x 70 weight with 16 x 32 blocks (partial edge blocks)."""
     torch.manual_seed(0)
     base = Conv1D(50, 70) if conv1d else nn.Linear(70, 50)
@@ -214,12 +214,13 @@ def make_update_layer(conv1d: bool, dtype=torch.float32, ids=(0, 5, 3)):
         base.weight.normal_()
     base = base.to(dtype)
     pretrained = base.weight.detach().clone()
-    return SDTUpdateLinear(base, (16, 32), torch.tensor(ids), backend="torch"), pretrained
+    return SDTUpdateLinear(base, (16, 32), torch.tensor(ids), "torch", update_scale), pretrained
 
 
 @pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
-def test_update_layer_trains_only_its_blocks_and_keeps_the_rest_bit_identical(conv1d):
-    layer, pretrained = make_update_layer(conv1d)
+@pytest.mark.parametrize("update_scale", [1.0, 3.0])
+def test_update_layer_trains_only_its_blocks_and_keeps_the_rest_bit_identical(conv1d, update_scale):
+    layer, pretrained = make_update_layer(conv1d, update_scale=update_scale)
     assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["sdt_updates"]
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
     for _ in range(3):
@@ -231,7 +232,10 @@ def test_update_layer_trains_only_its_blocks_and_keeps_the_rest_bit_identical(co
     base_out_in = pretrained.t() if conv1d else pretrained
     assert torch.equal(layer.weight_out_in[~active], base_out_in[~active]), "frozen weights are bit-identical"
     assert not torch.equal(layer.weight_out_in[active], base_out_in[active])
-    torch.testing.assert_close(layer.weight_out_in, base_out_in + dense_updates(layer), rtol=0, atol=1e-6)
+    effective = base_out_in + update_scale * dense_updates(layer)
+    torch.testing.assert_close(layer.weight_out_in, effective, rtol=0, atol=1e-6)
+    x = torch.randn(4, 70)
+    torch.testing.assert_close(layer(x), x @ effective.t() + layer.bias, rtol=1e-5, atol=1e-5)
 
 
 def dense_updates(layer) -> torch.Tensor:

@@ -320,3 +320,14 @@ def test_a_density_that_blocks_cannot_reach_is_warned_about_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # loading the converted model (its masks given) does not warn again
         get_sdt_model(build("gpt2"), config, masks=masks)
+
+
+@pytest.mark.parametrize("mode", ["weights", "updates"])
+def test_blocks_too_large_for_every_layer_are_an_error_naming_a_block_size_that_works(mode):
+    """Blocks larger than the layers keep every layer whole: a density below 1 that no layer can honour is refused
+    (the run would be dense), with the layers and a block size that leaves none of them dense."""
+    with pytest.raises(ValueError, match=r"density=0\.25 cannot be honoured with blocks of \(512, 512\).*"
+                                         r"transformer\.h\.0\.attn\.c_attn \(192 x 64\).*block_size=32"):  # fmt: skip
+        get_sdt_model(build("gpt2"), SDTConfig(mode=mode, density=0.25, block_size=512))
+    suggested = get_sdt_model(build("gpt2"), SDTConfig(mode=mode, density=0.25, block_size=32, schedule="constant"))
+    assert all(layer.density < 1 for layer in sdt_layers(suggested).values())

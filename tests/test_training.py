@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_sdt
 from hf_sdt import sparsity_summary
 from hf_sdt.arguments import parse_train_args
-from hf_sdt.training import run_training
+from hf_sdt.training import build_model, build_tokenizer, run_training
 
 TINY = str(Path(__file__).resolve().parents[1] / "recipes" / "configs" / "tiny.yaml")
 
@@ -62,3 +62,11 @@ def test_the_command_line_resumes_from_a_checkpoint(tmp_path):
     resumed = final_state("resumed", "--resume_from_checkpoint", str(tmp_path / "other" / "checkpoint-3"))
     fresh = final_state("fresh")
     assert any(not torch.equal(resumed[key], fresh[key]) for key in fresh if not key.endswith("sdt_mask"))
+
+
+def test_a_gpt2_from_the_command_line_names_its_loss():
+    """transformers cannot tell GPT2LMHeadModel's loss from its class name and says so on every run ("loss_type=None
+    ... unrecognized"); the models hf-sdt train builds name the causal-LM loss it falls back to."""
+    model_args, data_args, _, _ = parse_train_args([TINY])
+    tokenizer = build_tokenizer(model_args, ["a few words of text"] * 4)
+    assert build_model(model_args, tokenizer, data_args.max_seq_length).loss_type == "ForCausalLM"

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import SDTConfig
-from ..model import sdt_layers, weighted_mean
+from ..model import mark_controlled, sdt_layers, weighted_mean
 from ..sharding import zero_at_
 
 
@@ -152,6 +152,7 @@ class SDTController:
                 f"{type(self.layers[wrong[0]]).__name__}: the model was converted in the other mode."
             )
         self._check_same_topology_on_every_rank()
+        mark_controlled(self.layers.values())
         self.config = config
         self.total_steps = max(1, total_steps)
         self.step = 0
