@@ -53,8 +53,8 @@ class UncontrolledTrainingWarning:
         if not (module.training and torch.is_grad_enabled()):
             return
         self.handle.remove()
-        if any(layer in _CONTROLLED for layer in self.layers):
-            return
+        if not sdt_layers(module) or any(layer in _CONTROLLED for layer in self.layers):
+            return  # unloaded since, or driven by a controller
         config = self.config
         if config.mode == "updates":
             missed = "the trainable blocks stay the random ones they started as: no gradient selection, no drop/grow"
@@ -294,7 +294,7 @@ def _check_some_layer_is_sparse(targets: list[str], shapes: list[tuple[int, int]
     block = config.block_shape
     if config.density >= 1 or not all(dense_layers(block, counts)):
         return
-    side = max(block) // 2  # the largest power-of-two block that leaves no layer dense
+    side = 2 ** ((max(block) - 1).bit_length() - 1)  # from the largest power of two below the block, halved
     while side > 1 and any(dense_layers((side, side), target_block_counts(shapes, (side, side), config.density,
                                                                           config.distribution))):  # fmt: skip
         side //= 2
@@ -312,7 +312,7 @@ def _grids(shapes: list[tuple[int, int]], block) -> list[tuple[int, int]]:
 
 def _warn_if_density_rounds(shapes: list[tuple[int, int]], block, density: float, counts: list[int]) -> None:
     """Warn when whole blocks (`counts` per layer) cannot come within 5% of `density` (small layers, large blocks)."""
-    grids = [block_grid(shape, block) for shape in shapes]
+    grids = _grids(shapes, block)
     sizes = [rows * cols for rows, cols in shapes]
     achieved = sum(c / (g[0] * g[1]) * n for c, g, n in zip(counts, grids, sizes, strict=True)) / sum(sizes)
     if abs(achieved - density) > 0.05 * density:

@@ -331,3 +331,16 @@ def test_blocks_too_large_for_every_layer_are_an_error_naming_a_block_size_that_
         get_sdt_model(build("gpt2"), SDTConfig(mode=mode, density=0.25, block_size=512))
     suggested = get_sdt_model(build("gpt2"), SDTConfig(mode=mode, density=0.25, block_size=32, schedule="constant"))
     assert all(layer.density < 1 for layer in sdt_layers(suggested).values())
+
+
+def test_the_no_controller_warning_is_once_and_not_for_an_unloaded_model():
+    ids = torch.randint(0, VOCAB, (1, 8))
+    model = get_sdt_model(build("gpt2").train(), SDTConfig(density=0.5, block_size=16))
+    with pytest.warns(UserWarning, match="without an SDT controller") as caught:
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+    assert len([w for w in caught if "without an SDT controller" in str(w.message)]) == 1
+    unloaded = unload(get_sdt_model(build("gpt2").train(), SDTConfig(density=0.5, block_size=16)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*without an SDT controller")
+        unloaded(input_ids=ids, labels=ids).loss.backward()

@@ -83,6 +83,19 @@ def on_dense_weight_grad(x: torch.Tensor, output: torch.Tensor, accumulate) -> N
     output.register_hook(hook)
 
 
+def add_to(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+    """Accumulate a statistic: `store[name] += value`, starting from `value` (not in place: a tensor handed to a
+    hook may be reused by autograd).
+
+    Example:
+        >>> store = {}
+        >>> add_to(store, "layer", torch.ones(2)); add_to(store, "layer", torch.ones(2))
+        >>> store["layer"]
+        tensor([2., 2.])
+    """
+    store[name] = value + store[name] if name in store else value
+
+
 def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, parameter: nn.Parameter, where) -> None:
     """Zero, at `where` (a bool mask or an index of `parameter`), the pending gradient (computed under the old
     topology) and every per-parameter optimizer state shaped like the parameter (AdamW moments, momentum buffers):

@@ -21,6 +21,7 @@ from .base import (
     _restored_share,
     _saved_sum,
     _summed_over_ranks,
+    add_to,
     on_dense_weight_grad,
     reset_optimizer_state,
 )
@@ -122,8 +123,7 @@ class UpdatesController(SDTController):
     @torch.compiler.disable
     def _collect(self, name: str, layer: SDTUpdateLinear, x: torch.Tensor, output: torch.Tensor) -> None:
         def accumulate(dense_grad: torch.Tensor) -> None:
-            energy = block_norms(dense_grad, layer.block_size).square()  # (block-rows, block-cols)
-            self.grad_energy[name] = energy + self.grad_energy[name] if name in self.grad_energy else energy
+            add_to(self.grad_energy, name, block_norms(dense_grad, layer.block_size).square())  # (block grid)
 
         on_dense_weight_grad(x, output, accumulate)
 

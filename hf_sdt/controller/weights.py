@@ -20,6 +20,7 @@ from .base import (
     _restored_share,
     _saved_sum,
     _summed_over_ranks,
+    add_to,
     on_dense_weight_grad,
     reset_optimizer_state,
 )
@@ -109,15 +110,9 @@ class WeightsController(SDTController):
     @torch.compiler.disable
     def _collect(self, name: str, layer: SDTLinear, x: torch.Tensor, output: torch.Tensor) -> None:
         if self.track_input_norms and layer.training:
-            squares = x.float().square().reshape(-1, layer.in_features).sum(0)  # (in,)
-            self.input_sq_norms[name] = squares + self.input_sq_norms[name] if name in self.input_sq_norms else squares
+            add_to(self.input_sq_norms, name, x.float().square().reshape(-1, layer.in_features).sum(0))  # (in,)
         if self.capturing and torch.is_grad_enabled() and output.requires_grad:
-
-            def accumulate(dense_grad: torch.Tensor) -> None:
-                grads = self.dense_grads
-                grads[name] = dense_grad + grads[name] if name in grads else dense_grad
-
-            on_dense_weight_grad(x, output, accumulate)
+            on_dense_weight_grad(x, output, lambda dense_grad: add_to(self.dense_grads, name, dense_grad))
 
     def _updating(self) -> bool:
         return is_update_step(self.step, self.total_steps, self.config)
@@ -151,7 +146,7 @@ class WeightsController(SDTController):
                 continue
             # Under FSDP2 each process sums its shard; the block sums, not the weights, go over the network.
             sums = sum_over_shards(self._local_taylor_sums(layer, parameter), parameter)
-            self.taylor[name] = sums if name not in self.taylor else self.taylor[name] + sums
+            add_to(self.taylor, name, sums)
 
     @staticmethod
     def _local_taylor_sums(layer: SDTLinear, parameter: nn.Parameter) -> torch.Tensor:
