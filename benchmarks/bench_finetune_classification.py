@@ -39,7 +39,8 @@ from hf_sdt import SDTConfig, SDTController, get_sdt_model
 from hf_sdt.config import MODE_DEFAULTS
 from hf_sdt.schedule import target_block_counts
 
-AUSTEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "austen")
+AUSTEN = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "austen")  # the developers' copy
+SHIPPED_NOVEL = os.path.join(os.path.dirname(__file__), "..", "hf_sdt", "data", "pride_and_prejudice.txt")
 NOVELS = ("emma", "mansfield_park", "northanger_abbey", "persuasion", "pride_and_prejudice", "sense_and_sensibility")
 LEARNING_RATES = (5e-5, 2e-4, 5e-4, 2e-3, 5e-3)
 DEFAULT_DENSITY = MODE_DEFAULTS["updates"]["density"]
@@ -53,13 +54,24 @@ def passages(words: list[str], count: int, length: int, generator: torch.Generat
     return [" ".join(words[start : start + length]) for start in starts.tolist()]
 
 
+def novel_words(args) -> list[list[str]]:
+    """The words of each novel; in smoke mode six parts of the shipped Pride and Prejudice stand in for them."""
+    if args.smoke:
+        with open(SHIPPED_NOVEL, encoding="utf-8") as handle:
+            words = handle.read().split()
+        return [words[i :: len(NOVELS)] for i in range(len(NOVELS))]
+    novels = []
+    for novel in NOVELS:
+        with open(os.path.join(args.data, f"{novel}.txt"), encoding="utf-8") as handle:
+            novels.append(handle.read().split())
+    return novels
+
+
 def load_task(args) -> dict:
     """Tokenized train and test passages with their labels (the novel's index)."""
     generator = torch.Generator().manual_seed(1234)  # the same passages for every run
     splits = {"train": ([], []), "test": ([], [])}
-    for label, novel in enumerate(NOVELS):
-        with open(os.path.join(args.data, f"{novel}.txt"), encoding="utf-8") as handle:
-            words = handle.read().split()
+    for label, words in enumerate(novel_words(args)):
         cut = int(0.7 * len(words))
         for split, part, total in (("train", words[:cut], args.train), ("test", words[cut:], args.test)):
             texts = passages(part, total // len(NOVELS), args.words, generator)
