@@ -12,7 +12,6 @@ from .config import SDTConfig
 from .controller import SDTController, UpdatesController, WeightsController
 from .layer import SDTCompactLinear, SDTLayer, SDTLinear
 from .model import (
-    find_target_modules,
     get_sdt_model,
     merge_and_unload,
     print_sparsity_summary,
@@ -20,6 +19,7 @@ from .model import (
     sparsity_summary,
     unload,
 )
+from .targets import find_target_modules
 from .update_layer import SDTUpdateLinear
 
 __version__ = "0.1.0"

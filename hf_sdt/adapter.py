@@ -15,8 +15,9 @@ from .blocks import check_block_ids
 from .config import SDTConfig
 from .files import model_class_for, read_safetensors
 from .masks import block_grid
-from .model import find_target_modules, get_sdt_model, sdt_layers
+from .model import get_sdt_model, sdt_layers
 from .sharding import shard_like
+from .targets import find_target_modules
 from .update_layer import SDTUpdateLinear
 
 # Never `adapter_config.json`: transformers would then try to load a PEFT adapter.
