@@ -64,6 +64,7 @@ def write_model_card(
     metrics: dict[str, float] | None = None,
     training_seconds: float | None = None,
     flops_saved: float | None = None,
+    train_flops_ratio: float | None = None,
     packed: bool = False,
 ) -> ModelCard:
     """Write `README.md` (from `model_cards/sdt_model_card.md`) and its two PNG pictures into `directory`; an
@@ -114,6 +115,7 @@ def write_model_card(
         schedule=schedule,
         flops_ratio=f"{summary['linear_flops_ratio']:.4f}",
         flops_saved="not measured" if flops_saved is None else f"{flops_saved:.1%}",
+        train_flops="not measured" if train_flops_ratio is None else f"{train_flops_ratio:.1%}",
         wall_time="not measured" if training_seconds is None else f"{training_seconds:.0f} s",
         metrics={name: f"{value:.4g}" for name, value in metrics.items()},
         packed=packed,

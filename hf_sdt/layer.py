@@ -13,11 +13,13 @@ from torch import nn
 
 from .blocks import block_ids_of, check_block_ids, gather_blocks, mask_of, zero_inactive_blocks_
 from .functional import (
+    block_sparse_flops,
     cached_compact_layout,
     cached_layout,
     compact_linear,
     dense_of_blocks,
     record_active_blocks,
+    resolve_backend,
     sdt_linear,
 )
 from .masks import block_grid, expand_block_mask, masked_fraction
@@ -76,6 +78,24 @@ class SDTLayer(nn.Module):
         """Multiply-adds of a training step's three products (forward, dX, dW) relative to the dense layer's."""
         raise NotImplementedError
 
+    def training_flops(self, tokens: int, need_x: bool = True, backward: bool = True) -> int:
+        """FLOPs of one training forward of this layer on `tokens` tokens and of its backward (dX too when
+        `need_x`), as its products really run on its device: a dense fallback counts dense (see
+        `hf_sdt.functional.flops`).
+
+        Example:
+        >>> layer = SDTLinear(nn.Linear(128, 128), (64, 64), torch.eye(2, dtype=torch.bool), "reference")
+        >>> layer.training_flops(10) == 3 * 2 * 10 * 128 * 128  # the reference backend multiplies densely
+        True
+        """
+        raise NotImplementedError
+
+    def _dense_flops(self, tokens: int) -> int:
+        return 2 * tokens * self.out_features * self.in_features
+
+    def _resolved_backend(self) -> str:
+        return resolve_backend(self.backend, self.weight.device, self.block_size)
+
     def _base_layer_with(self, weight: torch.Tensor) -> nn.Module:
         base_layer = self.__dict__["base_layer"]
         base_layer.weight = weight
@@ -129,6 +149,19 @@ class SDTLinear(SDTLayer):
     @property
     def flops_fraction(self) -> float:
         return self.density  # each product reads only the active blocks
+
+    def training_flops(self, tokens: int, need_x: bool = True, backward: bool = True) -> int:
+        backend = self._resolved_backend()
+        if backend == "reference":
+            return self._dense_flops(tokens) * (1 + (1 + need_x) * backward)
+        weight, index = self._product_operands()
+        shape = (self.out_features, self.in_features)
+        flops = block_sparse_flops(backend, weight, index, self.block_size, shape, tokens, backward, need_x, backward)
+        return sum(flops)
+
+    def _product_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight and topology the products take: the (out, in) weight and its block mask."""
+        return self.weight_out_in, self.sdt_mask
 
     @property
     def weight_parameter(self) -> nn.Parameter:
@@ -283,6 +316,9 @@ class SDTCompactLinear(SDTLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         shape = (self.out_features, self.in_features)
         return compact_linear(x, self.sdt_blocks, self.bias, self.sdt_block_ids, shape, self.backend)
+
+    def _product_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sdt_blocks, self.sdt_block_ids
 
     @torch.no_grad()
     def unload(self, merge: bool = True) -> nn.Module:

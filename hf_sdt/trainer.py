@@ -67,9 +67,9 @@ class SDTTrainer(Trainer):
     A model without SDT layers is converted with `get_sdt_model(model, sdt_config)`; a model converted already
     keeps its layers (its `model.config.sdt_config` is used when `sdt_config` is omitted). The schedule and the
     drop/grow updates run after the gradients are synchronised and before each optimizer step; the SDT metrics
-    (`sdt/density`, `sdt/linear_flops_ratio`, `sdt/linear_flops_saved`, `sdt/churn`, `sdt/update_seconds`) are
-    logged with the loss, and the SDT state is saved in every checkpoint and restored by
-    `train(resume_from_checkpoint=...)`.
+    (`sdt/density`, the compute receipt `sdt/train_flops_ratio` and `sdt/train_flops_saved` (see `hf_sdt.compute`),
+    `sdt/linear_flops_ratio`, `sdt/linear_flops_saved`, `sdt/churn`, `sdt/update_seconds`) are logged with the loss,
+    and the SDT state is saved in every checkpoint and restored by `train(resume_from_checkpoint=...)`.
 
     It runs under `accelerate launch` with DDP or FSDP2 (see `recipes/accelerate/`); DeepSpeed is refused.
     Checkpoints, `save_model()` and `push_to_hub()` save with `hf_sdt.save_pretrained`: in weights mode the dense
@@ -136,6 +136,7 @@ class SDTTrainer(Trainer):
             metrics=card_metrics_from_log(self.state.log_history),
             training_seconds=runtime,
             flops_saved=controller.metrics()["sdt/linear_flops_saved"] if controller else None,
+            train_flops_ratio=controller.metrics()["sdt/train_flops_ratio"] if controller else None,
         )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

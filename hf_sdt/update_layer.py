@@ -8,6 +8,7 @@ from torch import nn
 
 from .blocks import check_block_ids, gather_blocks, mask_of, scatter_blocks_
 from .functional import (
+    compact_update_grad_flops,
     sparse_update_linear,
     tensor_version,
 )
@@ -71,6 +72,16 @@ class SDTUpdateLinear(SDTLayer):
     @property
     def flops_fraction(self) -> float:
         return (2 + self.density) / 3  # forward and dX are dense, the weight gradient covers the active blocks
+
+    def training_flops(self, tokens: int, need_x: bool = True, backward: bool = True) -> int:
+        if not backward:
+            return self._dense_flops(tokens)
+        backend, shape = self._resolved_backend(), (self.out_features, self.in_features)
+        if backend == "reference":
+            grad = self._dense_flops(tokens)
+        else:
+            grad = compact_update_grad_flops(backend, self.sdt_block_ids, self.block_size, shape, tokens)
+        return self._dense_flops(tokens) * (1 + need_x) + grad
 
     def _versions(self) -> tuple:
         return tuple((t, tensor_version(t)) for t in (self.sdt_updates, self.sdt_block_ids, self.sdt_base))

@@ -25,6 +25,7 @@ def test_demo_code_path_reports_the_runs_own_metrics(tmp_path, monkeypatch):
     dense, sdt = runs["dense"], runs["sdt"]
     assert f"{dense['eval_loss']:.4f}" in table and f"{sdt['eval_loss']:.4f}" in table
     assert f"{sdt['perplexity']:.2f}" in table and f"{1 - sdt['sdt/linear_flops_saved']:.1%}" in table
+    assert re.search(rf"whole-model training FLOPs.*100%\s+{sdt['sdt/train_flops_ratio']:.1%}", table)
     assert re.search(rf"final density.*1\.000\s+{sdt['sdt/density']:.3f}", table)
     assert (tmp_path / "results.md").read_text().startswith("```\n" + table)
     model = from_pretrained(str(tmp_path / "sdt"))

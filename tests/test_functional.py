@@ -225,3 +225,88 @@ def test_custom_ops_pass_torch_library_opcheck(for_training):
         torch.library.opcheck(functional.block_sparse_mm, args)
     grad_out = torch.randn(tokens, 50, generator=generator)
     torch.library.opcheck(functional.compact_update_grad, (grad_out, x.detach(), ids, 32, 32, "torch"))
+
+
+def aten_flops(function, *args) -> int:
+    """FLOPs of the aten products `function(*args)` runs, the in-place `addmm_` of the blocked path included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def addmm_flops(input_shape, a_shape, b_shape, out_shape=None, **kwargs):
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_flops}) as counter:
+        function(*args)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("shape,block", SHAPES)
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("storage", ["dense", "compact"])
+@pytest.mark.parametrize("ops", [functional.BlockedTorchOps, functional.DenseTorchOps, functional.FewTokensOps])
+def test_flops_of_each_path_are_the_work_it_runs(shape, block, mask_kind, storage, ops, block_mask_factory):
+    """Each product's FLOP formula (what FlopCounterMode and the compute receipt count) equals the FLOPs of the
+    GEMMs its implementation really runs, on odd shapes, empty block-lines and density 1, for both storages."""
+    from hf_sdt.functional.layouts import build_compact_layout
+
+    mask = block_mask_factory(mask_kind, shape, block)
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator) * expand_block_mask(mask, block, shape)
+    ids = block_ids_of(mask)
+    if storage == "compact":
+        weight, layout = gather_blocks(weight, ids, block), build_compact_layout("torch", ids, block, shape)
+    else:
+        layout = build_blocked_layout(mask, block, shape)
+    tokens = 3 if ops is functional.FewTokensOps else 19
+    x, grad_out = (
+        torch.randn(tokens, shape[1], generator=generator),
+        torch.randn(tokens, shape[0], generator=generator),
+    )
+    forward, grad_x, grad_w = ops.flops(layout, tokens, need_x=True, need_w=True)
+    assert forward == aten_flops(ops.forward, x, weight, layout)
+    if ops is not functional.FewTokensOps:  # inference only
+        assert grad_x + grad_w == aten_flops(ops.backward, grad_out, x, weight, layout, True, True)
+        assert grad_w == aten_flops(ops.backward, grad_out, x, weight, layout, False, True)
+
+
+@pytest.mark.parametrize("shape,block", SHAPES)
+def test_flops_of_the_compact_update_gradient_are_the_work_it_runs(shape, block):
+    from hf_sdt.functional.layouts import build_compact_layout
+
+    ids = torch.randperm(block_grid(shape, block)[0] * block_grid(shape, block)[1])[:3]
+    grad_out, x = torch.randn(7, shape[0]), torch.randn(7, shape[1])
+    layout = build_compact_layout("torch", ids, block, shape)
+    expected = aten_flops(functional.compact_grad_torch, grad_out, x, layout)
+    assert functional.compact_update_grad_flops("torch", ids, block, shape, 7) == expected
+
+
+@pytest.mark.parametrize("storage", ["dense", "compact"])
+@pytest.mark.parametrize("pays", [True, False])
+def test_flop_counter_mode_sees_each_product_as_its_custom_op(storage, pays, monkeypatch):
+    """Under FlopCounterMode the eager products run as hf_sdt's custom ops, counted by their formulas: forward,
+    dX and dW of weights mode (blocked or dense fallback) and the compact gradient of updates mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    monkeypatch.setattr(functional.dispatch, "blocked_path_pays", lambda layout, tokens, block: pays)
+    shape, block = (48, 40), (16, 16)
+    mask = torch.tensor([[True, False, False], [False, False, True], [False, False, False]])
+    weight = torch.randn(shape) * expand_block_mask(mask, block, shape)
+    ids = block_ids_of(mask)
+    x = torch.randn(5, shape[1], requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        if storage == "dense":
+            out = functional.sdt_linear(x, weight.requires_grad_(), None, mask, block, "torch")
+        else:
+            out = functional.compact_linear(x, gather_blocks(weight, ids, block).requires_grad_(), None, ids, shape,
+                                            "torch")  # fmt: skip
+        out.sum().backward()
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    active = 16 * 16 + 16 * 8  # the second block is cut by the 40-wide edge
+    per_product = 2 * 5 * (active if pays else shape[0] * shape[1])
+    assert counts == {"hf_sdt.block_sparse_mm": per_product, "hf_sdt.block_sparse_mm_backward": 2 * per_product}
+
+    updates = torch.zeros(2, *block, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        functional.sparse_update_linear(x, weight, None, updates, ids, block, "torch").sum().backward()
+    counts = {str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    assert counts["hf_sdt.compact_update_grad"] == 2 * 5 * active
+    assert counts["aten.mm"] == 2 * (2 * 5 * shape[0] * shape[1])  # forward and dX are dense GEMMs

@@ -88,6 +88,7 @@ def test_sdt_trainer_on_real_text(tmp_path):
         if step >= 24:
             assert entry["sdt/churn"] == 0.0, "the topology is frozen after update_end"
     assert 0 < logs[-1]["sdt/linear_flops_saved"] < 1
+    assert logs[-1]["sdt/train_flops_ratio"] + logs[-1]["sdt/train_flops_saved"] == pytest.approx(1)
     first, last = logs[0]["loss"], sum(entry["loss"] for entry in logs[-5:]) / 5
     assert last < first - 0.5, (first, last)
     assert_zero_outside_masks(trainer.model, trainer.optimizer)

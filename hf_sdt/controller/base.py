@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..compute import ComputeMeter, linear_flops
 from ..config import SDTConfig
 from ..model import mark_controlled, sdt_layers, weighted_mean
 from ..sharding import zero_at_
@@ -171,6 +172,8 @@ class SDTController:
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.flops_ratio_sum = 0.0
+        self.train_flops = 0  # the whole model's, this run's (see hf_sdt.compute) ...
+        self.dense_train_flops = 0  # ... and the dense model's, over the steps done
         self.steps_done = 0
         self.churn = 0.0
         self.update_seconds = 0.0
@@ -182,6 +185,7 @@ class SDTController:
         self._step_flops_ratio = 1.0  # ... and of the step running now
         self.capturing = False  # whether this step's backward hands dense weight gradients to the controller
         self._hooks = [layer.register_forward_hook(self._statistics_hook(name)) for name, layer in self.layers.items()]
+        self.compute = ComputeMeter(model)
 
     def begin_step(self, step: int) -> None:
         """Set the step about to run and prepare the statistics it must collect."""
@@ -192,15 +196,20 @@ class SDTController:
         raise NotImplementedError
 
     def after_optimizer_step(self) -> None:
-        """Count this step's FLOPs."""
+        """Count this step's FLOPs (everything since the previous step: the micro-batches of gradient accumulation)."""
         self.flops_ratio_sum += self._step_flops_ratio
+        actual, dense = self.compute.end_step()
+        self.train_flops += actual
+        self.dense_train_flops += dense
+        self.compute.begin_step()
         self.steps_done += 1
 
     def close(self) -> None:
-        """Detach the statistics hooks from the model (at the end of training; metrics stay readable)."""
+        """Detach the statistics and compute hooks from the model (at the end of training; metrics stay readable)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        self.compute.remove()
 
     def _statistics_hook(self, name: str):
         """The forward hook through which this controller collects `name`'s training statistics: a test of plain
@@ -212,6 +221,11 @@ class SDTController:
 
         return hook
 
+    def _take_dense_weight_grad(self, x: torch.Tensor, output: torch.Tensor, accumulate) -> None:
+        """`on_dense_weight_grad`, with its GEMM on the compute receipt (work the dense model would not do)."""
+        on_dense_weight_grad(x, output, accumulate)
+        self.compute.add(linear_flops(x.numel() // x.shape[-1], x.shape[-1], output.shape[-1]))
+
     def _collecting(self, layer: nn.Module, output: torch.Tensor) -> bool:
         """Whether this forward of `layer` feeds a statistic."""
         raise NotImplementedError
@@ -221,10 +235,15 @@ class SDTController:
         raise NotImplementedError
 
     def metrics(self) -> dict[str, float]:
-        """What `SDTTrainer` logs: density (fraction of the targeted weights active, or trainable), the linear
-        FLOPs ratio of a regular step vs dense, the cumulative FLOPs saved, churn and the last update's time."""
+        """What `SDTTrainer` logs: density (fraction of the targeted weights active, or trainable); the compute
+        receipt, the whole model's training FLOPs over the steps done against the dense model's
+        (`train_flops_ratio`, see `hf_sdt.compute`); the targeted layers' FLOPs ratio of a regular step vs dense and
+        their cumulative saving; churn and the last update's time."""
+        ratio = self.train_flops / self.dense_train_flops if self.dense_train_flops else 1.0
         return {
             "sdt/density": self._density(),
+            "sdt/train_flops_ratio": ratio,
+            "sdt/train_flops_saved": 1.0 - ratio,
             "sdt/linear_flops_ratio": self._flops_ratio,
             "sdt/linear_flops_saved": 1.0 - self.flops_ratio_sum / self.steps_done if self.steps_done else 0.0,
             "sdt/churn": self.churn,
@@ -249,6 +268,8 @@ class SDTController:
 
     _COUNTERS = (
         "flops_ratio_sum",
+        "train_flops",
+        "dense_train_flops",
         "steps_done",
         "churn",
         "total_update_seconds",

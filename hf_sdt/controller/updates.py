@@ -22,7 +22,6 @@ from .base import (
     _saved_sum,
     _summed_over_ranks,
     add_to,
-    on_dense_weight_grad,
     reset_optimizer_state,
 )
 
@@ -125,7 +124,7 @@ class UpdatesController(SDTController):
         def accumulate(dense_grad: torch.Tensor) -> None:
             add_to(self.grad_energy, name, block_norms(dense_grad, layer.block_size).square())  # (block grid)
 
-        on_dense_weight_grad(x, output, accumulate)
+        self._take_dense_weight_grad(x, output, accumulate)
 
     def _select(self, optimizer, first: bool) -> None:
         unused = [name for name in self.layers if name not in self.grad_energy]

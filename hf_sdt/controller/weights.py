@@ -21,7 +21,6 @@ from .base import (
     _saved_sum,
     _summed_over_ranks,
     add_to,
-    on_dense_weight_grad,
     reset_optimizer_state,
 )
 
@@ -112,7 +111,7 @@ class WeightsController(SDTController):
         if self.track_input_norms and layer.training:
             add_to(self.input_sq_norms, name, x.float().square().reshape(-1, layer.in_features).sum(0))  # (in,)
         if self.capturing and torch.is_grad_enabled() and output.requires_grad:
-            on_dense_weight_grad(x, output, lambda dense_grad: add_to(self.dense_grads, name, dense_grad))
+            self._take_dense_weight_grad(x, output, lambda dense_grad: add_to(self.dense_grads, name, dense_grad))
 
     def _updating(self) -> bool:
         return is_update_step(self.step, self.total_steps, self.config)

@@ -30,7 +30,8 @@ Which file answers which question:
 - `cpu_ops.py`: how the torch backend computes each product (blocked, dense, few-token, compact gradient);
 - `triton_ops.py`: how the Triton kernels are launched, and whether they can run;
 - `layouts.py`: where the active blocks are, in each product's index form, and how those layouts are cached;
-- `custom_ops.py`: the autograd Function and the `torch.library` custom ops (with fakes) for torch.compile.
+- `custom_ops.py`: the autograd Function and the `torch.library` custom ops (with fakes) for torch.compile;
+- `flops.py`: what each product multiplies (the custom ops' `FlopCounterMode` formulas, the compute receipt's).
 """
 
 from .cpu_ops import (
@@ -50,7 +51,9 @@ from .dispatch import (
     few_token_inference,
     few_tokens_pay,
     resolve_backend,
+    seen_by_dispatch_mode,
 )
+from .flops import block_sparse_flops, compact_update_grad_flops
 from .layouts import (
     BlockedLayout,
     CompactLayout,
@@ -80,6 +83,7 @@ __all__ = [
     "TensorKeyedCache",
     "TritonLayout",
     "TritonOps",
+    "block_sparse_flops",
     "block_sparse_mm",
     "block_sparse_mm_backward",
     "blocked_path_pays",
@@ -94,6 +98,7 @@ __all__ = [
     "compact_grad_triton",
     "compact_linear",
     "compact_update_grad",
+    "compact_update_grad_flops",
     "dense_of_blocks",
     "dense_weight",
     "few_token_inference",
@@ -104,6 +109,7 @@ __all__ = [
     "reference_update_linear",
     "resolve_backend",
     "sdt_linear",
+    "seen_by_dispatch_mode",
     "sparse_update_linear",
     "tensor_version",
     "triton_available",

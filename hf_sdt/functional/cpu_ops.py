@@ -65,6 +65,15 @@ class BlockedTorchOps:
         return _sum_into(out, products, _strips(layout.shape[0], layout.block[0]))
 
     @staticmethod
+    def flops(layout, tokens: int, need_x: bool, need_w: bool) -> tuple[int, int, int]:
+        """FLOPs (forward, dX, dW) of one call on `tokens` tokens: a GEMM per cropped active block for Y and dX; for
+        dW one per block-column over the rows of its blocks (a compact store's whole block-rows, see
+        `compact_grad_flops`)."""
+        product = 2 * tokens * layout.block_elements
+        grad_w = compact_grad_flops(layout, tokens) if isinstance(layout, CompactLayout) else product
+        return product, need_x * product, need_w * grad_w
+
+    @staticmethod
     def backward(grad_out, x, weight, layout, need_x: bool, need_w: bool):
         grad_x = grad_w = None
         if need_x:
@@ -97,6 +106,12 @@ class DenseTorchOps:
         return x @ dense_weight(weight, layout).t()  # (T, out)
 
     @staticmethod
+    def flops(layout, tokens: int, need_x: bool, need_w: bool) -> tuple[int, int, int]:
+        """FLOPs (forward, dX, dW) of one call: a dense GEMM per product, the zeros included."""
+        dense = 2 * tokens * layout.shape[0] * layout.shape[1]
+        return dense, need_x * dense, need_w * dense
+
+    @staticmethod
     def backward(grad_out, x, weight, layout, need_x: bool, need_w: bool):
         grad_x = grad_out @ dense_weight(weight, layout) if need_x else None
         grad_w = None
@@ -115,6 +130,13 @@ class FewTokensOps:
     def forward(x: torch.Tensor, weight: torch.Tensor, layout) -> torch.Tensor:
         blocks = FewTokensOps.active_blocks(weight, layout)  # (n, rows, cols)
         return few_tokens_product(x, blocks, layout.block_cols, layout.row_sums, layout.shape[0])
+
+    @staticmethod
+    def flops(layout, tokens: int, need_x: bool, need_w: bool) -> tuple[int, int, int]:
+        """FLOPs of one call: the batched product of the whole (padded) blocks, then the block-row sums."""
+        (rows, cols), n_blocks = layout.block, layout.block_ids.numel()
+        block_row_sums = 2 * layout.row_sums.shape[0] * n_blocks * tokens * rows
+        return 2 * tokens * n_blocks * rows * cols + block_row_sums, 0, 0
 
     @staticmethod
     def active_blocks(weight: torch.Tensor, layout) -> torch.Tensor:
@@ -166,6 +188,11 @@ def compact_few_tokens_traced(x: torch.Tensor, blocks: torch.Tensor, block_ids: 
     grid = block_grid((out_features, x.shape[1]), tuple(blocks.shape[1:]))
     row_sums = torch.arange(grid[0], device=block_ids.device)[:, None] == block_ids // grid[1]  # (R, n)
     return few_tokens_product(x, blocks, block_ids % grid[1], row_sums, out_features)
+
+
+def compact_grad_flops(layout: CompactLayout, tokens: int) -> int:
+    """FLOPs of `compact_grad_torch`: each block-column's GEMM over the padded rows of its slots."""
+    return 2 * tokens * layout.padded_row_elements
 
 
 def compact_grad_torch(grad_out: torch.Tensor, x: torch.Tensor, layout: CompactLayout) -> torch.Tensor:

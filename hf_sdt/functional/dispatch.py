@@ -85,6 +85,20 @@ def choose_ops(backend: str, layout, tokens: int, for_training: bool, element_si
     return BlockedTorchOps if blocked_path_pays(layout, tokens, layout.block) else DenseTorchOps
 
 
+def seen_by_dispatch_mode() -> bool:
+    """Whether a `TorchDispatchMode` (`FlopCounterMode`, a memory tracker, ...) is active: eager products then run
+    as their custom ops, which the mode sees as one call each (with its FLOP formula, `functional.flops`), rather
+    than as the kernels inside them.
+
+    Example:
+        >>> from torch.utils.flop_counter import FlopCounterMode
+        >>> with FlopCounterMode(display=False):
+        ...     seen_by_dispatch_mode()
+        True
+    """
+    return torch._C._len_torch_dispatch_stack() > 0
+
+
 def resolve_backend(backend: str, device: torch.device, block: tuple[int, int] = (64, 64)) -> str:
     """The concrete backend for `backend` on `device`: `"auto"` means Triton on CUDA (when triton imports and the
     block suits the kernels), the blocked torch path otherwise.

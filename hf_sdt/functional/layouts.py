@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -49,6 +50,12 @@ class BlockedLayout:
     def gemm_calls(self) -> int:
         """GEMM calls of one training step of the blocked path (forward, dX, dW)."""
         return 2 * len(self.blocks) + len(self.col_slabs)
+
+    @cached_property
+    def block_elements(self) -> int:
+        """Weight elements inside the active blocks (edge blocks cropped): the multiply-adds per token of each
+        blocked product."""
+        return sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in self.blocks)
 
 
 def build_blocked_layout(mask: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> BlockedLayout:
@@ -147,6 +154,17 @@ class CompactLayout:
     def gemm_calls(self) -> int:
         """GEMM calls of one training step of the blocked path (forward, dX, dW)."""
         return 2 * len(self.blocks) + len(self.col_groups)
+
+    @cached_property
+    def block_elements(self) -> int:
+        """Weight elements inside the slots' blocks (edge blocks cropped; torch path only)."""
+        return sum((r1 - r0) * (c1 - c0) for r0, r1, c0, c1 in self.blocks)
+
+    @cached_property
+    def padded_row_elements(self) -> int:
+        """Multiply-adds per token of the torch path's compact gradient: each slot's whole block-rows (the padding
+        of a partial edge row included) times its cropped columns."""
+        return sum(padded_rows.numel() * (c1 - c0) for c0, c1, padded_rows, _ in self.col_groups)
 
 
 def build_compact_layout(

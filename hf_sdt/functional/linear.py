@@ -10,7 +10,7 @@ from ..blocks import element_positions
 from ..masks import expand_block_mask
 from .cpu_ops import compact_few_tokens_traced
 from .custom_ops import BlockSparseMatmul, _block_sparse_forward, block_sparse_mm
-from .dispatch import few_token_inference, resolve_backend
+from .dispatch import few_token_inference, resolve_backend, seen_by_dispatch_mode
 
 
 def reference_linear(
@@ -117,8 +117,10 @@ def _block_sparse_linear(x, weight, bias, index, block, out_features: int, backe
     compiling = torch.compiler.is_compiling()
     if compiling and weight.dim() == 3 and backend == "torch" and few_token_inference(x2d.shape[0], for_training):
         out = compact_few_tokens_traced(x2d, weight, index, out_features)  # (T, out)
+    elif compiling or seen_by_dispatch_mode():
+        out = block_sparse_mm(x2d, weight, index, block[0], block[1], out_features, backend, for_training)  # (T, out)
     else:  # eager inference skips the autograd bookkeeping, about 25 us of a 100 us decoding call
-        product = block_sparse_mm if compiling else BlockSparseMatmul.apply if for_training else _block_sparse_forward
+        product = BlockSparseMatmul.apply if for_training else _block_sparse_forward
         out = product(x2d, weight, index, block[0], block[1], out_features, backend, for_training)  # (T, out)
     if bias is not None:
         out = out + bias

@@ -32,6 +32,13 @@ class TritonOps:
         return _kernels().block_sparse_forward(x, weight, layout.meta, layout.block, layout.shape[0])
 
     @staticmethod
+    def flops(layout, tokens: int, need_x: bool, need_w: bool) -> tuple[int, int, int]:
+        """FLOPs (forward, dX, dW) of one call: every kernel multiplies whole blocks (the padding of edge blocks
+        included), one per active block."""
+        product = 2 * tokens * triton_active_blocks(layout) * layout.block[0] * layout.block[1]
+        return product, need_x * product, need_w * product
+
+    @staticmethod
     def backward(grad_out, x, weight, layout, need_x: bool, need_w: bool):
         kernels = _kernels()
         grad_x = None
@@ -43,6 +50,11 @@ class TritonOps:
         elif need_w:
             grad_w = kernels.block_sparse_grad_weight(grad_out, x, weight, layout.meta, layout.block)
         return grad_x, grad_w
+
+
+def triton_active_blocks(layout) -> int:
+    """The number of active blocks of a Triton or compact layout, read from its index shapes (no host sync)."""
+    return layout.block_ids.numel() if hasattr(layout, "block_ids") else layout.meta.block_rows.numel()
 
 
 def compact_grad_triton(grad_out: torch.Tensor, x: torch.Tensor, layout) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..blocks import element_positions
 from .custom_ops import _compact_update_grad, compact_update_grad
-from .dispatch import resolve_backend
+from .dispatch import resolve_backend, seen_by_dispatch_mode
 from .linear import _autocast_operands
 
 
@@ -34,7 +34,8 @@ class SparseUpdateLinearFunction(torch.autograd.Function):
         grad_x = grad_out @ weight if need_x else None
         grad_updates = None
         if need_updates:
-            grad = compact_update_grad if torch.compiler.is_compiling() else _compact_update_grad
+            as_op = torch.compiler.is_compiling() or seen_by_dispatch_mode()
+            grad = compact_update_grad if as_op else _compact_update_grad
             grad_updates = grad(grad_out.contiguous(), x, block_ids, *ctx.block, ctx.backend).to(ctx.updates_dtype)
             if ctx.scale != 1.0:
                 grad_updates = grad_updates * ctx.scale
