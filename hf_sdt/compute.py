@@ -109,7 +109,7 @@ class ComputeMeter:
     """
 
     def __init__(self, model: nn.Module):
-        self._actual = self._dense = 0
+        self._actual = self._dense = self._dense_targeted = 0
         self._calls: list[tuple] = []  # this step's (module, kind, sizes): what a compiled step repeats
         self._last_calls: list[tuple] = []
         self._hooks = []
@@ -132,8 +132,13 @@ class ComputeMeter:
 
     def begin_step(self) -> None:
         """Start counting a training step."""
-        self._actual = self._dense = 0
+        self._actual = self._dense = self._dense_targeted = 0
         self._calls = []
+
+    def targeted_share(self) -> float | None:
+        """The share of the SDT layers (as dense layers) in the dense FLOPs of the step so far; None before any
+        counted forward."""
+        return self._dense_targeted / self._dense if self._dense else None
 
     def add(self, flops: int) -> None:
         """Add work that only this run does (the dense model would not): e.g. a dense weight gradient taken for
@@ -191,8 +196,10 @@ class ComputeMeter:
         tokens, in_features, out_features, need_x, backward = sizes
         product = linear_flops(tokens, in_features, out_features)
         if isinstance(module, SDTLayer):
+            dense = product * (1 + (need_x + 1) * backward)
             self._actual += module.training_flops(tokens, need_x, backward)
-            self._dense += product * (1 + (need_x + 1) * backward)
+            self._dense += dense
+            self._dense_targeted += dense
             return
         need_w = backward and module.weight.requires_grad
         self._actual += product * (1 + need_x + need_w)

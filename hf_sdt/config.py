@@ -218,6 +218,15 @@ class SDTConfig:
         },
     )
 
+    compute_budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "Weights mode: the share of the dense model's whole-model training FLOPs the run may spend, in "
+            "(0, 1] (e.g. 0.15). The controller then plans the schedule (cubic from dense at step 0 to `density`, "
+            "ending as late as the budget allows) so that the compute receipt ends at most at the budget."
+        },
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.block_size, list):
             self.block_size = tuple(self.block_size)
@@ -294,6 +303,8 @@ class SDTConfig:
                 f"schedule={self.schedule!r} with distribution={self.distribution!r} changes it: use "
                 "schedule='constant' with the 'uniform' or 'erk' distribution, or storage='auto' (dense here)."
             )
+        if self.compute_budget is not None:
+            self._validate_compute_budget()
         if self.update_scale is not None and not (_is_number(self.update_scale) and self.update_scale > 0):
             raise ValueError(
                 f"SDTConfig.update_scale must be a positive number, got {self.update_scale!r} (the factor of the "
@@ -315,6 +326,23 @@ class SDTConfig:
                     raise ValueError(f"SDTConfig.{name} is not a valid regular expression: {err}.") from err
             elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise ValueError(f"SDTConfig.{name} must be a list of strings or a regex string, got {value!r}.")
+
+    def _validate_compute_budget(self) -> None:
+        if not (_is_number(self.compute_budget) and 0 < self.compute_budget <= 1):
+            raise ValueError(
+                f"SDTConfig.compute_budget must be in (0, 1] (a share of the dense model's training FLOPs, e.g. "
+                f"0.15), got {self.compute_budget!r}."
+            )
+        if self.mode != "weights":
+            raise ValueError(
+                "SDTConfig.compute_budget plans weights mode's density schedule; updates mode computes the forward "
+                "and dX densely, so its compute is set by `density` alone. Remove compute_budget."
+            )
+        if self.schedule != "cubic" or self.initial_density != 1.0 or self.schedule_start != 0.0:
+            raise ValueError(
+                "With SDTConfig.compute_budget the planner chooses the schedule (cubic from dense at step 0); leave "
+                "schedule, initial_density and schedule_start at their defaults ('cubic', 1.0, 0.0)."
+            )
 
     @property
     def block_shape(self) -> tuple[int, int]:

@@ -27,6 +27,7 @@ def test_target_modules_forms_and_dense_baseline():
     _, _, _, sdt = parse_train_args([TINY, "--target_modules", "all-linear"])
     assert sdt.target_modules == "all-linear"
     assert parse_train_args([TINY, "--dense"])[3] is None
+    assert parse_train_args([TINY, "--compute_budget", "0.15"])[3].compute_budget == 0.15
 
 
 def test_unknown_yaml_key_is_named(tmp_path):

@@ -384,3 +384,19 @@ def test_updates_mode_learns_a_tiny_classification_task_at_the_documented_rate(t
         logits = type(model).forward(model.eval(), input_ids=torch.stack([e["input_ids"] for e in test])).logits
     accuracy = (logits.argmax(-1) == torch.stack([e["labels"] for e in test])).float().mean().item()
     assert accuracy >= 0.7, f"updates mode learned too little: {accuracy:.1%} (chance 50%)"
+
+
+def test_sdt_trainer_spends_at_most_its_compute_budget(tmp_path, force_blocked_path):
+    """`SDTConfig(compute_budget=...)` under SDTTrainer (gradient accumulation: a step is two micro-batches): the
+    logged receipt ends at most at the budget, and close to it."""
+    config = make_config(compute_budget=0.5, schedule_end=0.5)
+    trainer = SDTTrainer(
+        model=tiny_gpt2(),
+        args=training_args(tmp_path, max_steps=20, gradient_accumulation_steps=2),
+        train_dataset=ByteChunks(),
+        sdt_config=config,
+    )
+    trainer.train()
+    receipt = [entry["sdt/train_flops_ratio"] for entry in trainer.state.log_history if "sdt/density" in entry]
+    assert 0.48 < receipt[-1] <= 0.5
+    assert trainer.sdt_callback.controller.planned_schedule_end < 0.5

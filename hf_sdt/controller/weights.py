@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import time
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..budget import plan_schedule_end
 from ..config import SDTConfig
 from ..layer import SDTCompactLinear, SDTLinear
 from ..masks import block_element_counts
@@ -45,6 +48,7 @@ class WeightsController(SDTController):
         # Kept on the host so that a regular step never reads a mask back from the GPU.
         self._active_counts = [int(layer.sdt_mask.sum()) for layer in self.layers.values()]
         self._flops_ratio = self._step_flops_ratio = self._linear_flops()
+        self.planned_schedule_end: float | None = None  # set on the first step with a compute budget
 
     def begin_step(self, step: int) -> None:
         """Set the step about to run and whether its backward must hand over the dense weight gradients."""
@@ -59,6 +63,8 @@ class WeightsController(SDTController):
     def before_optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Accumulate scores, then prune to the schedule and, on update steps, drop and grow blocks."""
         start = time.perf_counter()
+        if self.config.compute_budget is not None and self.planned_schedule_end is None:
+            self._plan_for_budget()
         self._scores = None
         if self.config.prune_criterion == "taylor":
             self._accumulate_taylor()
@@ -85,6 +91,7 @@ class WeightsController(SDTController):
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
+            "planned_schedule_end": self.planned_schedule_end,
             "taylor": {name: value.cpu() for name, value in self.taylor.items()},
             "input_sq_norm": {name: _saved_sum(value) for name, value in self.input_sq_norms.items()},
         }
@@ -92,6 +99,8 @@ class WeightsController(SDTController):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_layer_names(set(state["taylor"]) | set(state["input_sq_norm"]))
         super().load_state_dict(state)
+        if state.get("planned_schedule_end") is not None:
+            self._use_plan(state["planned_schedule_end"])
         self.taylor = {name: value.to(self.layers[name].sdt_mask.device) for name, value in state["taylor"].items()}
         self.input_sq_norms = {
             name: _restored_share(value, self.layers[name].sdt_mask.device)
@@ -112,6 +121,41 @@ class WeightsController(SDTController):
             add_to(self.input_sq_norms, name, x.float().square().reshape(-1, layer.in_features).sum(0))  # (in,)
         if self.capturing and torch.is_grad_enabled() and output.requires_grad:
             self._take_dense_weight_grad(x, output, lambda dense_grad: add_to(self.dense_grads, name, dense_grad))
+
+    def _plan_for_budget(self) -> None:
+        """Plan the schedule for `compute_budget` from the first step's FLOPs (rank 0's, in a distributed run)."""
+        share = self.compute.targeted_share()
+        if share is None:
+            raise RuntimeError(
+                "SDTConfig.compute_budget plans the schedule from the FLOPs of the first training step, but no "
+                "training forward was seen (a compiled first step, or no forward after begin_step(0)). Run the "
+                "first step eagerly."
+            )
+        share = float(_rank_zero_decision(torch.tensor([share], dtype=torch.float64, device=self._device())))
+        self._use_plan(plan_schedule_end(self.config, self.total_steps, share, self._realized_densities()))
+
+    def _realized_densities(self):
+        """density -> the fraction of the targeted weights that whole blocks cover at that target (uniform or ERK
+        counts; a global distribution is taken as uniform), cached: the planner asks for each step's density."""
+        shapes = [(layer.out_features, layer.in_features) for layer in self.layers.values()]
+        sizes = [rows * cols for rows, cols in shapes]
+        block, distribution = self.config.block_shape, self.config.distribution
+        distribution = "uniform" if distribution == "global" else distribution
+
+        @functools.cache
+        def realized(density: float) -> float:
+            counts = target_block_counts(shapes, block, density, distribution)
+            covered = sum(min(count * block[0] * block[1], size) for count, size in zip(counts, sizes, strict=True))
+            return covered / sum(sizes)
+
+        return realized
+
+    def _use_plan(self, schedule_end: float) -> None:
+        self.planned_schedule_end = schedule_end
+        self.config = dataclasses.replace(self.config, schedule_end=schedule_end)
+
+    def _device(self) -> torch.device:
+        return next(iter(self.layers.values())).sdt_mask.device
 
     def _updating(self) -> bool:
         return is_update_step(self.step, self.total_steps, self.config)
