@@ -193,9 +193,11 @@ def run_training(
     data_args: DataArguments,
     training_args: TrainingArguments,
     sdt_config: SDTConfig | None,
+    callbacks: list | None = None,
 ) -> dict[str, float]:
     """Train (with SDT unless `sdt_config` is None), evaluate, save model, tokenizer and card; return the metrics:
     Trainer's own (`train_runtime`, `eval_loss`, ...) plus `perplexity` and, with SDT, the final `sdt/*` values.
+    `callbacks` go to the Trainer.
     Updates mode needs a pretrained model (`model_name_or_path`): its adapter holds only changes to one."""
     if sdt_config is not None and sdt_config.mode == "updates" and model_args.model_name_or_path is None:
         raise ValueError(
@@ -219,6 +221,7 @@ def run_training(
         "eval_dataset": datasets["validation"],
         "processing_class": tokenizer,
         "data_collator": default_data_collator,
+        "callbacks": callbacks,
     }
     trainer = SDTTrainer(sdt_config=sdt_config, **common) if sdt_config is not None else Trainer(**common)
     metrics = dict(trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint).metrics)

@@ -1,0 +1,239 @@
+"""Pre-training at a compute budget: dense vs SDT with `compute_budget`, beside compute-matched dense baselines.
+
+The setting is `hf-sdt demo`'s (a GPT-2 trained from scratch on Pride and Prejudice with a byte-level BPE tokenizer
+trained on it, evaluated on held-out Persuasion; `--n_embd` sets the width). Rows, for each budget b:
+
+- dense (the whole run: 100% of the compute);
+- dense, b of the steps: the same model trained for b x the steps (warm-up scaled alike), the same data order;
+- dense, narrower: the widest model (same depth and heads) whose whole run costs at most b of the dense run's FLOPs;
+- SDT at `compute_budget=b`, once per `--variant` (e.g. with the output layer untied and targeted).
+
+Whole-model training FLOPs are counted twice, step by step and outside evaluation: by the compute receipt's formula
+(`hf_sdt.compute`; an SDT row's is its controller's `sdt/train_flops_ratio`) and by PyTorch's `FlopCounterMode`
+(entered at each step's start, left at its end; eager attention, since PyTorch has no FLOP formula for SDPA's CPU
+kernel). Every run is timed under FlopCounterMode, which slows each of them. A budget the planner cannot meet is a
+row that says so. Each report gets a `.json` twin with every run's metrics and a `.png` of eval loss vs compute.
+
+    python benchmarks/bench_pretrain.py --budgets 0.15 0.3 --output benchmarks/results/pretrain_austen_256.md
+    python benchmarks/bench_pretrain.py --smoke      # seconds-long check of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import tempfile
+
+import torch
+from benchmark_report import finish_report
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback
+
+from hf_sdt.arguments import parse_train_args
+from hf_sdt.compute import ComputeMeter
+from hf_sdt.demo import DEFAULTS, demo_argv
+from hf_sdt.training import run_training
+
+SMOKE_FLAGS = [
+    "--tokenizer_vocab_size", "300", "--max_seq_length", "32", "--block_size", "16", "--update_interval", "2",
+    "--max_steps", "6", "--warmup_steps", "0", "--train_files", "hf_sdt/data/persuasion_excerpt.txt",
+]  # fmt: skip
+DEFAULT_VARIANTS = [
+    ("SDT", "--density 0.1"),
+    ("SDT, output layer untied and targeted", "--density 0.1 --untie --target_modules c_attn c_proj c_fc lm_head"),
+]
+
+
+class CountTrainingFlops(TrainerCallback):
+    """Each training step's FLOPs, by FlopCounterMode and by the receipt's formula (`ComputeMeter`)."""
+
+    def __init__(self):
+        self.flop_counter = self.receipt = 0
+        self._mode = self._meter = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._meter = ComputeMeter(model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._meter.begin_step()
+        self._mode = FlopCounterMode(display=False)
+        self._mode.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._mode.__exit__(None, None, None)
+        self.flop_counter += self._mode.get_total_flops()
+        self.receipt += self._meter.end_step()[0]
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._meter.remove()
+
+
+def model_config(n_embd: int, untie: bool = False) -> dict:
+    config = {**DEFAULTS["model_config"], "n_embd": n_embd, "attn_implementation": "eager"}
+    return {**config, "tie_word_embeddings": False} if untie else config
+
+
+def step_flops(config: dict, vocab: int, batch: int, length: int) -> int:
+    """FLOPs of one dense training step of a model of `config` (FlopCounterMode, on random tokens)."""
+    values = {key: value for key, value in config.items() if key != "model_type"}
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=length, **values))
+    tokens = torch.randint(0, vocab, (batch, length))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    return counter.get_total_flops()
+
+
+def narrower_width(budget: float, args) -> int:
+    """The widest n_embd (a multiple of 8 x heads) whose dense step costs at most `budget` of the full width's."""
+    vocab, batch, length = args.vocab, args.batch, args.length
+    full = step_flops(model_config(args.n_embd), vocab, batch, length)
+    step = 8 * DEFAULTS["model_config"]["n_head"]
+    widths = range(step, args.n_embd, step)
+    fitting = [w for w in widths if step_flops(model_config(w), vocab, batch, length) <= budget * full]
+    return max(fitting, default=step)
+
+
+def run(name: str, flags: list[str], seeds: list[int], folder: str, dense: bool, untie: bool = False) -> dict:
+    """One row: a run per seed with its metrics and FLOP counts, or the planner's refusal."""
+    runs = []
+    for seed in seeds:
+        print(f"\n=== {name}, seed {seed} ===", flush=True)
+        argv = demo_argv(os.path.join(folder, f"{name}-{seed}"), [*flags, "--seed", str(seed)], dense=dense)
+        model_args, data_args, training_args, sdt_config = parse_train_args(argv)
+        if untie:
+            model_args.model_config = json.dumps({**json.loads(model_args.model_config), "tie_word_embeddings": False})
+        counter = CountTrainingFlops()
+        try:
+            metrics = run_training(model_args, data_args, training_args, sdt_config, callbacks=[counter])
+        except ValueError as error:
+            if "compute_budget" not in str(error):
+                raise
+            return {"name": name, "dense": dense, "infeasible": str(error), "runs": []}
+        flops = {"flop_counter": counter.flop_counter, "receipt_flops": counter.receipt}
+        runs.append({"seed": seed, "max_steps": training_args.max_steps, **metrics, **flops})
+    return {"name": name, "dense": dense, "runs": runs}
+
+
+def mean(row: dict, key: str) -> float:
+    return statistics.mean(run[key] for run in row["runs"])
+
+
+def compute_shares(row: dict, dense: dict) -> tuple[float, float]:
+    """(receipt, FlopCounterMode) whole-model training FLOPs of the row over the dense row's."""
+    counter = mean(row, "flop_counter") / mean(dense, "flop_counter")
+    if row["dense"]:
+        return mean(row, "receipt_flops") / mean(dense, "receipt_flops"), counter
+    return mean(row, "sdt/train_flops_ratio"), counter
+
+
+def format_table(rows: list[dict], header: str) -> list[str]:
+    dense, seeds = rows[0], len(rows[0]["runs"])
+    lines = [
+        header,
+        "",
+        f"Eval loss (held-out Persuasion): mean over {seeds} seed(s){' (each in brackets)' if seeds > 1 else ''}; "
+        "compute is the whole model's training FLOPs vs the dense run, by the receipt's formula and by "
+        "FlopCounterMode; wall time vs the dense run's, every run under FlopCounterMode.",
+        "",
+        "| run | steps | eval loss | gap to dense | compute (receipt) | compute (FlopCounterMode) | wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    dense_loss = mean(dense, "eval_loss")
+    for row in rows:
+        if row.get("infeasible"):
+            lines.append(f"| {row['name']} | | not run: {row['infeasible']} | | | | |")
+            continue
+        loss = mean(row, "eval_loss")
+        per_seed = " (" + ", ".join(f"{run['eval_loss']:.4f}" for run in row["runs"]) + ")" if seeds > 1 else ""
+        receipt, counter = compute_shares(row, dense)
+        lines.append(
+            f"| {row['name']} | {row['runs'][0]['max_steps']} | {loss:.4f}{per_seed} | "
+            f"{100 * (loss / dense_loss - 1):+.2f}% | {receipt:.1%} | {counter:.1%} | "
+            f"{mean(row, 'train_runtime') / mean(dense, 'train_runtime'):.2f} |"
+        )
+    return lines
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        if row.get("infeasible"):
+            continue
+        share = compute_shares(row, rows[0])[0]
+        marker = "o" if row["dense"] else "s"
+        axes.scatter(share, mean(row, "eval_loss"), marker=marker, label=row["name"])
+    axes.set_xlabel("whole-model training FLOPs vs dense (receipt)")
+    axes.set_ylabel("eval loss (held-out)")
+    axes.legend(fontsize=6)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.15, 0.1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--n_embd", type=int, default=DEFAULTS["model_config"]["n_embd"])
+    parser.add_argument(
+        "--variant", nargs=2, action="append", metavar=("NAME", "FLAGS"),
+        help="an SDT row at every budget, e.g. 'SDT 0.2' '--density 0.2' (repeatable; '--untie' unties the output "
+        "layer); default: density 0.1, and density 0.1 with the output layer untied and targeted",
+    )  # fmt: skip
+    parser.add_argument("--no_baselines", action="store_true", help="only the dense and the SDT rows")
+    parser.add_argument("--output", help="write the table here (and .json / .png twins)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps: checks the script")
+    args, extra = parser.parse_known_args()
+    if args.smoke:
+        args.n_embd, args.budgets = 32, [0.5]
+        extra = [*SMOKE_FLAGS, *extra]
+    common = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", *extra]
+    parsed = parse_train_args(demo_argv("unused", common, dense=True))
+    args.vocab, args.batch = parsed[0].tokenizer_vocab_size, parsed[2].per_device_train_batch_size
+    args.length, steps, warmup = parsed[1].max_seq_length, parsed[2].max_steps, parsed[2].warmup_steps
+    width = ["--model_config", json.dumps(model_config(args.n_embd))]
+    variants = [(name, shlex.split(flags)) for name, flags in args.variant or DEFAULT_VARIANTS]
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [run("dense", [*common, *width], args.seeds, folder, dense=True)]
+        for budget in args.budgets:
+            if not args.no_baselines:
+                short = [
+                    "--max_steps",
+                    str(max(1, round(budget * steps))),
+                    "--warmup_steps",
+                    str(round(budget * warmup)),
+                ]
+                rows.append(run(f"dense, {budget:.0%} of the steps", [*common, *width, *short], args.seeds, folder,
+                                dense=True))  # fmt: skip
+                narrow = narrower_width(budget, args)
+                narrow_config = ["--model_config", json.dumps(model_config(narrow))]
+                rows.append(run(f"dense, narrower (n_embd {narrow}) for {budget:.0%}", [*common, *narrow_config],
+                                args.seeds, folder, dense=True))  # fmt: skip
+            for name, flags in variants:
+                untie = "--untie" in flags
+                flags = [flag for flag in flags if flag != "--untie"]
+                rows.append(run(f"{name}, compute_budget {budget}", [*common, *width, *flags, "--compute_budget",
+                                str(budget)], args.seeds, folder, dense=False, untie=untie))  # fmt: skip
+    header = (
+        f"{datetime.date.today()} | {os.cpu_count()} CPUs | torch {torch.__version__} | `hf-sdt demo` setting, "
+        f"n_embd {args.n_embd}, {steps} steps {shlex.join(extra)}"
+    ).rstrip()
+    finish_report(format_table(rows, header), args.output)
+    if args.output:
+        stem = os.path.splitext(args.output)[0]
+        with open(stem + ".json", "w", encoding="utf-8") as handle:
+            json.dump({"setting": header, "rows": rows}, handle, indent=1)
+        plot(rows, stem + ".png")
+
+
+if __name__ == "__main__":
+    main()
