@@ -1,7 +1,8 @@
 """hf_sdt: Sparse-Dynamic Training for the Hugging Face stack.
 
 `import hf_sdt` loads the config, layers, model conversion and controllers; the Trainer integration (`SDTTrainer`,
-`SDTCallback`), Hub I/O (`save_pretrained`, `from_pretrained`, `push_to_hub`) and the card (`write_model_card`)
+`SDTCallback`; TRL's `SDTSFTTrainer`, `SDTDPOTrainer`, which need `pip install "hf-sdt[trl]"`), Hub I/O
+(`save_pretrained`, `from_pretrained`, `push_to_hub`) and the card (`write_model_card`)
 are imported on first use, so that a user of `get_sdt_model` alone does not pay for `transformers.Trainer` and
 `huggingface_hub`.
 """
@@ -12,6 +13,7 @@ from .config import SDTConfig
 from .controller import SDTController, UpdatesController, WeightsController
 from .layer import SDTCompactLinear, SDTLayer, SDTLinear
 from .model import (
+    disable_updates,
     get_sdt_model,
     merge_and_unload,
     print_sparsity_summary,
@@ -28,6 +30,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "SDTCallback": "trainer",
     "SDTTrainer": "trainer",
+    "SDTSFTTrainer": "trl_trainers",
+    "SDTDPOTrainer": "trl_trainers",
     "from_pretrained": "hub",
     "push_to_hub": "hub",
     "save_pretrained": "hub",
@@ -39,12 +43,15 @@ __all__ = [
     "SDTCompactLinear",
     "SDTConfig",
     "SDTController",
+    "SDTDPOTrainer",
     "SDTLayer",
     "SDTLinear",
+    "SDTSFTTrainer",
     "SDTTrainer",
     "SDTUpdateLinear",
     "UpdatesController",
     "WeightsController",
+    "disable_updates",
     "find_target_modules",
     "from_pretrained",
     "get_sdt_model",

@@ -3,9 +3,10 @@ summarise it."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -286,6 +287,38 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     model = unload(model, merge=True)
     model.requires_grad_(True)
     return model
+
+
+@contextlib.contextmanager
+def disable_updates(model: nn.Module) -> Iterator[nn.Module]:
+    """Run an updates-mode model as its pretrained base inside the block (PEFT's `disable_adapter()`): every
+    `SDTUpdateLinear` computes with its frozen pretrained weight, the trained updates untouched; DPO's reference
+    log-probs come from here, with no second copy of the model.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> base = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
+        >>> tokens = torch.arange(8)[None]
+        >>> before = base(tokens).logits
+        >>> model = get_sdt_model(base, SDTConfig(mode="updates", block_size=16))
+        >>> _ = [layer.sdt_updates.data.fill_(0.1) for layer in sdt_layers(model).values()]
+        >>> with disable_updates(model):
+        ...     torch.allclose(model(tokens).logits, before)
+        True
+        >>> torch.allclose(model(tokens).logits, before)
+        False
+    """
+    layers = [layer for layer in sdt_layers(model).values() if isinstance(layer, SDTUpdateLinear)]
+    if not layers:
+        raise ValueError("disable_updates needs an updates-mode SDT model (SDTConfig(mode='updates')).")
+    scales = [layer.update_scale for layer in layers]
+    try:
+        for layer in layers:
+            layer.set_update_scale_(0.0)
+        yield model
+    finally:
+        for layer, scale in zip(layers, scales, strict=True):
+            layer.set_update_scale_(scale)
 
 
 def weighted_mean(layers, attribute: str) -> float:

@@ -1,4 +1,5 @@
-"""`SDTTrainer`: `transformers.Trainer` with Sparse-Dynamic Training, driven through `SDTCallback`.
+"""`SDTTrainer`: `transformers.Trainer` with Sparse-Dynamic Training, driven through `SDTCallback`; what it adds to
+Trainer is `SDTTrainerMixin`, which TRL's trainers share (`hf_sdt.trl_trainers`).
 
 `SDTCallback` calls the `SDTController` (see `hf_sdt.controller`) from Trainer's events:
 
@@ -61,48 +62,36 @@ class SDTCallback(TrainerCallback):
             torch.save(sdt_state, os.path.join(folder, SDT_STATE_NAME))
 
 
-class SDTTrainer(Trainer):
-    """`transformers.Trainer` with Sparse-Dynamic Training: the same arguments plus `sdt_config`.
+def converted_model(model, sdt_config: SDTConfig | None, trainer_name: str):
+    """(the model converted with `sdt_config`, the config): a converted model keeps its layers and, unless
+    `sdt_config` is given, its `model.config.sdt_config`."""
+    if model is None or isinstance(model, str):
+        raise ValueError(
+            f"{trainer_name} needs a model instance (a transformers model, converted or not), got {model!r}; load "
+            "it first, e.g. AutoModelForCausalLM.from_pretrained(name)."
+        )
+    if sdt_layers(model):
+        stored = getattr(getattr(model, "config", None), "sdt_config", None)
+        if sdt_config is None and stored is None:
+            raise ValueError("The model has SDT layers but no config: pass sdt_config=SDTConfig(...).")
+        return model, sdt_config or SDTConfig.from_dict(stored)
+    if sdt_config is None:
+        raise ValueError("Pass sdt_config=SDTConfig(...) to convert the model, or a converted model.")
+    return get_sdt_model(model, sdt_config), sdt_config
 
-    A model without SDT layers is converted with `get_sdt_model(model, sdt_config)`; a model converted already
-    keeps its layers (its `model.config.sdt_config` is used when `sdt_config` is omitted). The schedule and the
-    drop/grow updates run after the gradients are synchronised and before each optimizer step; the SDT metrics
-    (`sdt/density`, the compute receipt `sdt/train_flops_ratio` and `sdt/train_flops_saved` (see `hf_sdt.compute`),
-    `sdt/linear_flops_ratio`, `sdt/linear_flops_saved`, `sdt/churn`, `sdt/update_seconds`) are logged with the loss,
-    and the SDT state is saved in every checkpoint and restored by `train(resume_from_checkpoint=...)`.
 
-    It runs under `accelerate launch` with DDP or FSDP2 (see `recipes/accelerate/`); DeepSpeed is refused.
-    Checkpoints, `save_model()` and `push_to_hub()` save with `hf_sdt.save_pretrained`: in weights mode the dense
-    weights (which vanilla transformers loads) and `sdt_masks.safetensors`; in updates mode (`SDTConfig(mode=
-    "updates")`) the adapter only, about `density` of the targeted weights' size, with an adapter card.
+class SDTTrainerMixin:
+    """What SDT adds to a `Trainer` class, shared by `SDTTrainer` and TRL's trainers (`hf_sdt.trl_trainers`): the
+    conversion (`sdt_config=`), the callback that runs the controller, the SDT metrics in every log, SDT's saving,
+    loading, resuming and card. Put it first among the bases: `class MyTrainer(SDTTrainerMixin, Trainer)`."""
 
-    Example:
-        >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
-        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
-        >>> args = TrainingArguments("/tmp/sdt-doc", max_steps=2, report_to=[], use_cpu=True)
-        >>> trainer = SDTTrainer(model=model, args=args, sdt_config=SDTConfig(density=0.5, block_size=16))
-        >>> len(sdt_layers(trainer.model))
-        4
-    """
-
-    def __init__(self, model=None, args=None, *trainer_args, sdt_config: SDTConfig | None = None, **kwargs):
-        if model is None:
-            raise ValueError("SDTTrainer needs a model (a transformers model, converted or not).")
-        if sdt_layers(model):
-            stored = getattr(getattr(model, "config", None), "sdt_config", None)
-            if sdt_config is None and stored is None:
-                raise ValueError("The model has SDT layers but no config: pass sdt_config=SDTConfig(...).")
-            sdt_config = sdt_config or SDTConfig.from_dict(stored)
-        else:
-            if sdt_config is None:
-                raise ValueError("Pass sdt_config=SDTConfig(...) to convert the model, or a converted model.")
-            model = get_sdt_model(model, sdt_config)
-        self.sdt_config = sdt_config
-        super().__init__(model, args, *trainer_args, **kwargs)
+    def __init__(self, model=None, *trainer_args, sdt_config: SDTConfig | None = None, **kwargs):
+        model, self.sdt_config = converted_model(model, sdt_config, type(self).__name__)
+        super().__init__(model, *trainer_args, **kwargs)
         if self.is_deepspeed_enabled:
             raise NotImplementedError(
-                "SDTTrainer does not support DeepSpeed yet: DeepSpeed consumes the gradients inside backward, before "
-                "SDT's topology update can read them. Use FSDP2 (accelerate launch --config_file "
+                f"{type(self).__name__} does not support DeepSpeed yet: DeepSpeed consumes the gradients inside "
+                "backward, before SDT's topology update can read them. Use FSDP2 (accelerate launch --config_file "
                 "recipes/accelerate/fsdp2.yaml), DDP (accelerate launch --multi_gpu) or a single GPU."
             )
         self.sdt_callback = SDTCallback(lambda model, steps: SDTController(model, self.sdt_config, steps))
@@ -176,3 +165,28 @@ class SDTTrainer(Trainer):
         best = self.state.best_model_checkpoint
         logger.info("Loading best model from %s (score: %s).", best, self.state.best_metric)
         load_checkpoint_(self.model, best)
+
+
+class SDTTrainer(SDTTrainerMixin, Trainer):
+    """`transformers.Trainer` with Sparse-Dynamic Training: the same arguments plus `sdt_config`.
+
+    A model without SDT layers is converted with `get_sdt_model(model, sdt_config)`; a model converted already
+    keeps its layers (its `model.config.sdt_config` is used when `sdt_config` is omitted). The schedule and the
+    drop/grow updates run after the gradients are synchronised and before each optimizer step; the SDT metrics
+    (`sdt/density`, the compute receipt `sdt/train_flops_ratio` and `sdt/train_flops_saved` (see `hf_sdt.compute`),
+    `sdt/linear_flops_ratio`, `sdt/linear_flops_saved`, `sdt/churn`, `sdt/update_seconds`) are logged with the loss,
+    and the SDT state is saved in every checkpoint and restored by `train(resume_from_checkpoint=...)`.
+
+    It runs under `accelerate launch` with DDP or FSDP2 (see `recipes/accelerate/`); DeepSpeed is refused.
+    Checkpoints, `save_model()` and `push_to_hub()` save with `hf_sdt.save_pretrained`: in weights mode the dense
+    weights (which vanilla transformers loads) and `sdt_masks.safetensors`; in updates mode (`SDTConfig(mode=
+    "updates")`) the adapter only, about `density` of the targeted weights' size, with an adapter card.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+        >>> args = TrainingArguments("/tmp/sdt-doc", max_steps=2, report_to=[], use_cpu=True)
+        >>> trainer = SDTTrainer(model=model, args=args, sdt_config=SDTConfig(density=0.5, block_size=16))
+        >>> len(sdt_layers(trainer.model))
+        4
+    """

@@ -97,6 +97,12 @@ class SDTUpdateLinear(SDTLayer):
             self.materialize_()
         self._stale = self.training
 
+    def set_update_scale_(self, scale: float) -> None:
+        """Set the factor of the updates in the effective weight (0 computes with the pretrained weight alone); the
+        next forward rewrites the active blocks."""
+        self.update_scale = float(scale)
+        self._stale = True
+
     def materialize_(self) -> None:
         """Write base + updates into the active blocks of `weight` (of every shard, under FSDP2)."""
         self._write_effective_blocks_()

@@ -2,15 +2,17 @@
 compiled run."""
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from hf_sdt import SDTConfig, SDTLinear, SDTUpdateLinear, get_sdt_model, sdt_layers
 from hf_sdt.demo_data import ByteChunks
 from hf_sdt.masks import topk_block_mask
 from hf_sdt.trainer import SDTTrainer
+from hf_sdt.training import ModelArguments, build_tokenizer
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
@@ -197,3 +199,21 @@ def assert_same_state(expected: dict, got: dict) -> None:
             assert torch.equal(expected[key], got[key]), key
         else:
             torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def save_tiny_llama(folder: Path) -> None:
+    """A tiny Llama with a BPE tokenizer trained on the shipped excerpt, saved in `folder` (a stand-in for a Hub
+    model)."""
+    texts = (
+        (Path(__file__).resolve().parents[1] / "hf_sdt" / "data" / "persuasion_excerpt.txt")
+        .read_text(encoding="utf-8")
+        .splitlines()
+    )
+    tokenizer = build_tokenizer(ModelArguments(tokenizer_vocab_size=512), texts)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)

@@ -27,6 +27,7 @@ from hf_sdt import (
     SDTConfig,
     SDTController,
     SDTLinear,
+    disable_updates,
     get_sdt_model,
     print_sparsity_summary,
     sdt_layers,
@@ -344,3 +345,20 @@ def test_the_no_controller_warning_is_once_and_not_for_an_unloaded_model():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*without an SDT controller")
         unloaded(input_ids=ids, labels=ids).loss.backward()
+
+
+def test_disable_updates_gives_the_base_model_and_restores_the_updates():
+    base = TINY["gpt2"]().eval()
+    tokens = torch.arange(12)[None]
+    with torch.no_grad():
+        expected = base(tokens).logits
+        model = get_sdt_model(copy.deepcopy(base), SDTConfig(mode="updates", block_size=16))
+        for layer in sdt_layers(model).values():
+            layer.sdt_updates.normal_(0, 0.1)
+        trained = model(tokens).logits
+        with disable_updates(model):
+            torch.testing.assert_close(model(tokens).logits, expected)
+        torch.testing.assert_close(model(tokens).logits, trained)
+    assert not torch.allclose(trained, expected)
+    with pytest.raises(ValueError, match="updates-mode"), disable_updates(TINY["gpt2"]()):
+        pass

@@ -1,9 +1,11 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig
+from sdt_helpers import save_tiny_llama
 
 import hf_sdt
 
@@ -82,3 +84,21 @@ def test_causal_lm_recipes_run(tmp_path, script):
     assert result.returncode == 0, result.stderr[-3000:]
     assert '"eval_loss"' in result.stdout
     assert hf_sdt.sdt_layers(hf_sdt.from_pretrained(str(tmp_path / "out")))
+
+
+def test_trl_sft_recipe_runs(tmp_path):
+    pytest.importorskip("trl")
+    root = Path(__file__).resolve().parents[1]
+    save_tiny_llama(tmp_path / "model")
+    flags = ["--model_name_or_path", str(tmp_path / "model"), "--train_file", "hf_sdt/data/persuasion_excerpt.txt",
+             "--output_dir", str(tmp_path / "out"), "--max_steps", "8", "--per_device_train_batch_size", "4",
+             "--max_length", "64", "--block_size", "16", "--selection_steps", "1", "--update_interval", "4",
+             "--report_to", "none", "--use_cpu", "true"]  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(root / "recipes" / "sft_trl.py"), *flags],
+        cwd=root, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Saved to" in result.stdout and "sdt_adapter.safetensors" in os.listdir(tmp_path / "out")
+    model = hf_sdt.from_pretrained(str(tmp_path / "out"))
+    assert all(layer.sdt_updates.abs().sum() > 0 for layer in hf_sdt.sdt_layers(model).values())

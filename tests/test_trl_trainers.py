@@ -1,0 +1,151 @@
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from sdt_helpers import assert_same_state
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_sdt import SDTConfig, from_pretrained, sdt_layers
+from hf_sdt.masks import expand_block_mask
+from hf_sdt.trainer import SDT_STATE_NAME
+
+trl = pytest.importorskip("trl")
+from hf_sdt import SDTDPOTrainer, SDTSFTTrainer  # noqa: E402  (needs trl)
+
+WORDS = "the cat sat on mat dog ran to park a bird sang in tree user assistant : what did do ?".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": f"what did the {animal} do ?"},
+                  {"role": "assistant", "content": f"the {animal} {action}"}]}
+    for animal, action in [("cat", "sat on the mat"), ("dog", "ran to the park"), ("bird", "sang in a tree")]
+] * 8  # fmt: skip
+TEXTS = [{"text": "the cat sat on the mat"}, {"text": "the dog ran to the park"}, {"text": "a bird sang"}] * 8
+PAIRS = [{"prompt": "what did the cat do ?", "chosen": "the cat sat on the mat", "rejected": "the dog ran"}] * 16
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {word: index for index, word in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=len(WORDS) + 3, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def sdt_config(mode: str) -> SDTConfig:
+    if mode == "updates":
+        return SDTConfig(mode="updates", block_size=16, selection_steps=1, update_interval=2)
+    return SDTConfig(density=0.5, block_size=16, schedule_end=0.3, update_interval=2, grow_criterion="random")
+
+
+def sft_trainer(tmp_path, mode, data, max_steps=6, **overrides):
+    values = {"save_strategy": "no", **overrides}
+    args = trl.SFTConfig(
+        str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
+        report_to=[], use_cpu=True, max_length=32, disable_tqdm=True, seed=0, **values,
+    )  # fmt: skip
+    dataset = Dataset.from_list(CONVERSATIONS if data == "messages" else TEXTS)
+    return SDTSFTTrainer(tiny_llama(), args=args, train_dataset=dataset, processing_class=word_tokenizer(),
+                         sdt_config=sdt_config(mode))  # fmt: skip
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return LlamaForCausalLM.forward(
+            model, input_ids=tokens
+        ).logits  # the class's forward: TRL patches the instance's
+
+
+@pytest.mark.parametrize("data", ["messages", "text"])
+@pytest.mark.parametrize("mode", ["updates", "weights"])
+def test_sft_runs_sdt_and_saves_what_sdt_trainer_saves(tmp_path, mode, data):
+    trainer = sft_trainer(tmp_path, mode, data, save_strategy="steps", save_steps=3)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "sdt/density" in entry]
+    assert len(logs) == 6 and max(entry["sdt/churn"] for entry in logs) > 0, "topology changes are logged"
+    assert logs[0]["loss"] > logs[-1]["loss"]
+    saved = set(os.listdir(tmp_path / "checkpoint-3"))
+    assert SDT_STATE_NAME in saved
+    if mode == "updates":
+        assert {"sdt_adapter.safetensors", "sdt_adapter_config.json"} <= saved and "model.safetensors" not in saved
+    else:
+        assert {"model.safetensors", "sdt_masks.safetensors"} <= saved
+    trainer.save_model()
+    tokens = torch.tensor([[3, 4, 5, 6, 3, 7]])
+    base = tiny_llama() if mode == "updates" else None
+    loaded = from_pretrained(str(tmp_path), base_model=base) if base is not None else from_pretrained(str(tmp_path))
+    torch.testing.assert_close(logits(loaded.eval(), tokens), logits(trainer.model.eval(), tokens))
+
+
+@pytest.mark.parametrize("mode", ["updates", "weights"])
+def test_sft_resume_ends_like_an_uninterrupted_run(tmp_path, mode):
+    full = sft_trainer(tmp_path / "full", mode, "messages", save_strategy="steps", save_steps=3)
+    full.train()
+    resumed = sft_trainer(tmp_path / "resumed", mode, "messages")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    assert_same_state(full.model.state_dict(), resumed.model.state_dict())
+
+
+def dpo_trainer(tmp_path, mode, ref_model=None):
+    args = trl.DPOConfig(
+        str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, report_to=[],
+        use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    return SDTDPOTrainer(tiny_llama(), ref_model, args=args, train_dataset=Dataset.from_list(PAIRS),
+                         processing_class=word_tokenizer(), sdt_config=sdt_config(mode))  # fmt: skip
+
+
+def test_dpo_in_updates_mode_takes_its_reference_from_the_base_model(tmp_path):
+    """No reference copy: `ref_model` stays None, the first loss is log 2, the reference log-probs are the base
+    model's (the policy with its updates disabled) after training too, and the frozen weights never move."""
+    trainer = dpo_trainer(tmp_path, "updates")
+    assert trainer.ref_model is None
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and losses[-1] < losses[0]
+    assert trainer.ref_model is None
+    batch = next(iter(trainer.get_train_dataloader()))
+    reference = trainer.compute_ref_log_probs(trainer.model, batch)
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = tiny_llama()  # the untouched pretrained model, as TRL's own reference
+    add_fused_lm_head(base)
+    trainer._base_model_reference, trainer.ref_model = None, base
+    expected = trainer.compute_ref_log_probs(trainer.model, batch)
+    for got, want in zip(reference, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    pretrained = tiny_llama().state_dict()
+    for name, layer in sdt_layers(trainer.model).items():
+        layer.materialize_()
+        active = expand_block_mask(layer.block_mask, layer.block_size, (layer.out_features, layer.in_features))
+        assert torch.equal(layer.weight[~active], pretrained[name + ".weight"][~active])
+        assert layer.sdt_updates.abs().sum() > 0
+
+
+def test_dpo_in_weights_mode_keeps_trls_reference(tmp_path):
+    reference = tiny_llama()
+    trainer = dpo_trainer(tmp_path, "weights", ref_model=reference)
+    assert trainer.ref_model is not None and not sdt_layers(trainer.ref_model)
+    trainer.train()
+    assert max(entry.get("sdt/churn", 0) for entry in trainer.state.log_history) > 0
+
+
+def test_without_trl_the_error_says_what_to_install():
+    code = "import sys; sys.modules['trl'] = None\nimport hf_sdt\nhf_sdt.SDTSFTTrainer"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0 and 'pip install "hf-sdt[trl]"' in result.stderr
