@@ -44,7 +44,7 @@ def save_adapter(
               metadata={"format": ADAPTER_FORMAT})  # fmt: skip
     description = {
         "format": ADAPTER_FORMAT,
-        "base_model_name_or_path": _recorded_base(base_model or getattr(model.config, "_name_or_path", None)),
+        "base_model_name_or_path": recorded_base(base_model or getattr(model.config, "_name_or_path", None)),
         "revision": revision,
         "architectures": [type(model).__name__],
         "layer_shapes": {name: [layer.out_features, layer.in_features] for name, layer in sdt_layers(model).items()},
@@ -93,7 +93,7 @@ def load_adapter(folder: str, base_model, model_class, kwargs) -> nn.Module:
     return model
 
 
-def _recorded_base(source: str | None) -> str | None:
+def recorded_base(source: str | None) -> str | None:
     """The base model as an adapter records it: a local folder as its absolute path (so that the adapter loads from
     any working directory), a Hub id as it is, None when there is none."""
     if not source:

@@ -49,6 +49,8 @@ def _push(argv: list[str]) -> None:
     parser.add_argument("path")
     parser.add_argument("repo_id")
     parser.add_argument("--packed", action="store_true", help="upload the packed format (hf_sdt only)")
+    parser.add_argument("--format", choices=("sdt", "peft"), default="sdt",
+                        help="peft: an updates-mode adapter in PEFT's SHiRA format (stock peft loads it)")  # fmt: skip
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--base_model", default=None)
     args = parser.parse_args(argv)
@@ -60,7 +62,7 @@ def _push(argv: list[str]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.path) if os.path.isfile(f"{args.path}/tokenizer.json") else None
     info = push_to_hub(
         model, args.repo_id, packed=args.packed, processing_class=tokenizer, private=args.private,
-        base_model=args.base_model,
+        base_model=args.base_model, format=args.format,
     )  # fmt: skip
     print(f"Pushed to {info}")
 

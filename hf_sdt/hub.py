@@ -26,11 +26,12 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig
 
-from .adapter import ADAPTER_CONFIG_NAME, BLOCK_IDS_SUFFIX, load_adapter, save_adapter
+from .adapter import ADAPTER_CONFIG_NAME, BLOCK_IDS_SUFFIX, load_adapter, recorded_base, save_adapter
 from .card import write_model_card
 from .config import SDTConfig
 from .files import model_class_for, read_safetensors
 from .model import get_sdt_model, sdt_layers
+from .peft_format import save_peft_shira
 from .sharding import any_sharded, full_state_dict, local_window, shard_like
 
 MASKS_NAME = "sdt_masks.safetensors"
@@ -40,6 +41,8 @@ PACKED_FORMAT = "hf_sdt-packed-1"
 ACTIVE_SUFFIX = ".weight.sdt_active"
 MASK_SUFFIX = ".sdt_mask"
 
+SAVE_FORMATS = ("sdt", "peft")  # hf_sdt's own files, or PEFT's SHiRA adapter format (updates mode)
+
 
 def save_pretrained(
     model: nn.Module,
@@ -47,6 +50,7 @@ def save_pretrained(
     packed: bool = False,
     base_model: str | None = None,
     revision: str | None = None,
+    format: str = "sdt",
     **kwargs,
 ) -> None:
     """Save an SDT model.
@@ -59,6 +63,10 @@ def save_pretrained(
     `kwargs`, e.g. `state_dict`, go to `model.save_pretrained`) or `packed`, where the targeted weights take about
     `density` of their dense bytes and only `hf_sdt.from_pretrained` can read them.
 
+    `format="peft"` (updates mode, `nn.Linear` targets) writes the adapter in PEFT's SHiRA format instead, which
+    `peft.PeftModel.from_pretrained(base, save_directory)` loads without hf_sdt (see `hf_sdt.peft_format`: for
+    loading and merging, not for continuing SDT training).
+
     Under FSDP2, call it on every process: the shards are gathered (`state_dict` defaults to the gathered
     `model.state_dict()`) and rank 0 writes (or the processes given `is_main_process=True`).
 
@@ -69,6 +77,8 @@ def save_pretrained(
         >>> model = get_sdt_model(model, SDTConfig(density=0.25, block_size=16, schedule="constant"))
         >>> save_pretrained(model, tempfile.mkdtemp(), packed=True)
     """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"Unknown format {format!r}; use one of {SAVE_FORMATS}.")
     layers = sdt_layers(model)
     if not layers:
         raise ValueError("This model has no SDT layers; convert it with hf_sdt.get_sdt_model(model, SDTConfig(...)).")
@@ -76,6 +86,10 @@ def save_pretrained(
     state = full_state_dict(model) if state is None else state
     kwargs.setdefault("is_main_process", not any_sharded(model) or dist.get_rank() == 0)
     if not kwargs["is_main_process"]:
+        return
+    if format == "peft":
+        base = recorded_base(base_model or getattr(model.config, "_name_or_path", None))
+        save_peft_shira(model, str(save_directory), base)
         return
     if SDTConfig.from_dict(model.config.sdt_config).mode == "updates":
         save_adapter(model, state, str(save_directory), base_model, revision)
@@ -256,12 +270,14 @@ def push_to_hub(
     packed: bool = False,
     processing_class: Any | None = None,
     private: bool | None = None,
+    format: str = "sdt",
     token: str | None = None,
     commit_message: str = "Upload SDT model",
     **card_kwargs,
 ):
     """Upload an SDT model (or, in updates mode, its adapter) with its metadata, model card and pictures to the
-    Hub; returns the commit info. `base_model` defaults to the Hub id the model was loaded from.
+    Hub; returns the commit info. `base_model` defaults to the Hub id the model was loaded from; `format="peft"`
+    uploads an updates-mode adapter in PEFT's SHiRA format (see `save_pretrained`).
 
     Example:
         >>> push_to_hub(model, "me/sparse-gpt2", base_model="gpt2", datasets=["austen"])  # doctest: +SKIP
@@ -270,7 +286,7 @@ def push_to_hub(
     api.create_repo(repo_id, private=private, exist_ok=True)
     card_kwargs["base_model"] = card_kwargs.get("base_model") or hub_base_model(model)
     with tempfile.TemporaryDirectory() as folder:
-        save_pretrained(model, folder, packed=packed, base_model=card_kwargs["base_model"])
+        save_pretrained(model, folder, packed=packed, base_model=card_kwargs["base_model"], format=format)
         if processing_class is not None:
             processing_class.save_pretrained(folder)
         write_model_card(model, folder, repo_id=repo_id, packed=packed, **card_kwargs)

@@ -22,7 +22,7 @@ try:
     import trl
 except ImportError as error:  # pragma: no cover - the message is tested with trl hidden
     raise ImportError(
-        "hf_sdt.SDTSFTTrainer and hf_sdt.SDTDPOTrainer need TRL: pip install \"hf-sdt[trl]\" (or pip install trl)."
+        'hf_sdt.SDTSFTTrainer and hf_sdt.SDTDPOTrainer need TRL: pip install "hf-sdt[trl]" (or pip install trl).'
     ) from error
 
 

@@ -338,3 +338,38 @@ def test_an_adapter_with_another_block_size_says_which_block_sizes_differ(tmp_pa
     with pytest.raises(ValueError, match=r"adapter has blocks of \(32, 32\), the model is configured with blocks of "
                                          r"\(16, 16\)"):  # fmt: skip
         hub.from_pretrained(str(tmp_path / "a"), base_model=other)
+
+
+def test_peft_format_adapter_loads_in_stock_peft_with_the_same_logits_and_merge(tmp_path):
+    """`format="peft"`: a SHiRA adapter that `peft.PeftModel.from_pretrained` loads by itself (hf_sdt not used on
+    the way in) with the trained model's logits and merged weights, on odd shapes (partial edge blocks), blocks
+    that differ in number across layers, and zero-valued padding where SHiRA's equal count needs it."""
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def base():
+        torch.manual_seed(0)
+        config = LlamaConfig(num_hidden_layers=2, hidden_size=40, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=72, vocab_size=64)  # fmt: skip
+        return LlamaForCausalLM(config).eval()
+
+    base().save_pretrained(tmp_path / "base")
+    model = get_sdt_model(base(), SDTConfig(mode="updates", block_size=16, density=0.3, distribution="erk"))
+    for layer in sdt_layers(model).values():
+        layer.sdt_updates.data.normal_(0, 0.05)
+    tokens = torch.arange(10)[None]
+    with torch.no_grad():
+        expected = model(tokens).logits
+    hub.save_pretrained(model, tmp_path / "peft", format="peft", base_model=str(tmp_path / "base"))
+    assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, expected)
+    merged = loaded.merge_and_unload().state_dict()
+    for name, value in merge_and_unload(model).state_dict().items():
+        torch.testing.assert_close(merged[name], value, msg=name)
+    with pytest.raises(ValueError, match="Conv1D"):
+        hub.save_pretrained(get_sdt_model(tiny_gpt2(), SDTConfig(mode="updates", block_size=16)), tmp_path / "x",
+                            format="peft")  # fmt: skip
+    with pytest.raises(ValueError, match="format"):
+        hub.save_pretrained(model, tmp_path / "y", format="lora")
