@@ -5,8 +5,17 @@ import contextlib
 from pathlib import Path
 
 import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    TrainingArguments,
+)
 
 from hf_sdt import SDTConfig, SDTLinear, SDTUpdateLinear, get_sdt_model, sdt_layers
 from hf_sdt.demo_data import ByteChunks
@@ -69,10 +78,7 @@ def make_updates_config(**overrides) -> SDTConfig:
 
 def train_and_save_state(output_dir: str, batch_size: int, mode: str = "weights") -> None:
     """Train with SDTTrainer (12 steps, gradient growth or selection; "weights-compact": a constant schedule, so
-    compact storage), then save this rank's state dict as
-    `world{W}_rank{R}.pt` in `output_dir`."""
-    import torch.distributed as dist
-
+    compact storage), then save this rank's state dict (`save_rank_state`)."""
     if mode == "updates":
         config = make_updates_config(update_interval=3)
     elif mode == "weights-compact":
@@ -86,9 +92,16 @@ def train_and_save_state(output_dir: str, batch_size: int, mode: str = "weights"
         sdt_config=config,
     )
     trainer.train()
+    save_rank_state(trainer.model, output_dir)
+
+
+def save_rank_state(model: nn.Module, output_dir: str) -> None:
+    """This rank's state dict as `world{W}_rank{R}.pt` in `output_dir`."""
+    import torch.distributed as dist
+
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
-    state = {key: value.detach().clone() for key, value in trainer.model.state_dict().items()}
+    state = {key: value.detach().clone() for key, value in model.state_dict().items()}
     torch.save(state, f"{output_dir}/world{world}_rank{rank}.pt")
 
 
@@ -217,3 +230,65 @@ def save_tiny_llama(folder: Path) -> None:
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+# TRL's trainers on a tiny Llama (tests/test_trl_trainers.py and the 2-process SFT run)
+
+WORDS = "the cat sat on mat dog ran to park a bird sang in tree user assistant : what did do ?".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+CONVERSATIONS = [
+    {"messages": [{"role": "user", "content": f"what did the {animal} do ?"},
+                  {"role": "assistant", "content": f"the {animal} {action}"}]}
+    for animal, action in [("cat", "sat on the mat"), ("dog", "ran to the park"), ("bird", "sang in a tree")]
+] * 8  # fmt: skip
+TEXTS = [{"text": "the cat sat on the mat"}, {"text": "the dog ran to the park"}, {"text": "a bird sang"}] * 8
+PAIRS = [{"prompt": "what did the cat do ?", "chosen": "the cat sat on the mat", "rejected": "the dog ran"}] * 16
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of `WORDS` with a chat template."""
+    vocab = {word: index for index, word in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=128, vocab_size=len(WORDS) + 3, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def sdt_config_for_trl(mode: str) -> SDTConfig:
+    if mode == "updates":
+        return SDTConfig(mode="updates", block_size=16, selection_steps=1, update_interval=2)
+    return SDTConfig(density=0.5, block_size=16, schedule_end=0.3, update_interval=2, grow_criterion="random")
+
+
+def sft_trainer(tmp_path, mode, data, max_steps=6, **overrides):
+    """An SDTSFTTrainer (TRL needed) of a tiny Llama on conversations ("messages") or plain text ("text")."""
+    import trl
+
+    from hf_sdt import SDTSFTTrainer
+
+    values = {"save_strategy": "no", "per_device_train_batch_size": 4, **overrides}
+    args = trl.SFTConfig(
+        str(tmp_path), max_steps=max_steps, learning_rate=1e-2, logging_steps=1,
+        report_to=[], use_cpu=True, max_length=32, disable_tqdm=True, seed=0, **values,
+    )  # fmt: skip
+    dataset = Dataset.from_list(CONVERSATIONS if data == "messages" else TEXTS)
+    return SDTSFTTrainer(tiny_llama(), args=args, train_dataset=dataset, processing_class=word_tokenizer(),
+                         sdt_config=sdt_config_for_trl(mode))  # fmt: skip
+
+
+def train_sft_and_save_state(output_dir: str, mode: str) -> None:
+    """6 steps of SDTSFTTrainer on conversations, then save this rank's state dict (`save_rank_state`)."""
+    trainer = sft_trainer(f"{output_dir}/run", mode, "messages", per_device_train_batch_size=2)
+    trainer.train()
+    save_rank_state(trainer.model, output_dir)

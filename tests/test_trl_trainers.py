@@ -1,67 +1,22 @@
 import math
 import os
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from sdt_helpers import assert_same_state
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from sdt_helpers import PAIRS, assert_same_state, sdt_config_for_trl, sft_trainer, tiny_llama, word_tokenizer
+from transformers import LlamaForCausalLM
 
-from hf_sdt import SDTConfig, from_pretrained, sdt_layers
+from hf_sdt import from_pretrained, sdt_layers
 from hf_sdt.masks import expand_block_mask
 from hf_sdt.trainer import SDT_STATE_NAME
 
 trl = pytest.importorskip("trl")
-from hf_sdt import SDTDPOTrainer, SDTSFTTrainer  # noqa: E402  (needs trl)
-
-WORDS = "the cat sat on mat dog ran to park a bird sang in tree user assistant : what did do ?".split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}assistant : {% endif %}"
-)
-CONVERSATIONS = [
-    {"messages": [{"role": "user", "content": f"what did the {animal} do ?"},
-                  {"role": "assistant", "content": f"the {animal} {action}"}]}
-    for animal, action in [("cat", "sat on the mat"), ("dog", "ran to the park"), ("bird", "sang in a tree")]
-] * 8  # fmt: skip
-TEXTS = [{"text": "the cat sat on the mat"}, {"text": "the dog ran to the park"}, {"text": "a bird sang"}] * 8
-PAIRS = [{"prompt": "what did the cat do ?", "chosen": "the cat sat on the mat", "rejected": "the dog ran"}] * 16
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {word: index for index, word in enumerate(["<pad>", "<eos>", "<unk>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                         intermediate_size=128, vocab_size=len(WORDS) + 3, pad_token_id=0, eos_token_id=1)  # fmt: skip
-    return LlamaForCausalLM(config)
-
-
-def sdt_config(mode: str) -> SDTConfig:
-    if mode == "updates":
-        return SDTConfig(mode="updates", block_size=16, selection_steps=1, update_interval=2)
-    return SDTConfig(density=0.5, block_size=16, schedule_end=0.3, update_interval=2, grow_criterion="random")
-
-
-def sft_trainer(tmp_path, mode, data, max_steps=6, **overrides):
-    values = {"save_strategy": "no", **overrides}
-    args = trl.SFTConfig(
-        str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1,
-        report_to=[], use_cpu=True, max_length=32, disable_tqdm=True, seed=0, **values,
-    )  # fmt: skip
-    dataset = Dataset.from_list(CONVERSATIONS if data == "messages" else TEXTS)
-    return SDTSFTTrainer(tiny_llama(), args=args, train_dataset=dataset, processing_class=word_tokenizer(),
-                         sdt_config=sdt_config(mode))  # fmt: skip
+from hf_sdt import SDTDPOTrainer  # noqa: E402  (needs trl)
 
 
 def logits(model, tokens):
@@ -107,7 +62,7 @@ def dpo_trainer(tmp_path, mode, ref_model=None):
         use_cpu=True, save_strategy="no", disable_tqdm=True,
     )  # fmt: skip
     return SDTDPOTrainer(tiny_llama(), ref_model, args=args, train_dataset=Dataset.from_list(PAIRS),
-                         processing_class=word_tokenizer(), sdt_config=sdt_config(mode))  # fmt: skip
+                         processing_class=word_tokenizer(), sdt_config=sdt_config_for_trl(mode))  # fmt: skip
 
 
 def test_dpo_in_updates_mode_takes_its_reference_from_the_base_model(tmp_path):
@@ -149,3 +104,24 @@ def test_without_trl_the_error_says_what_to_install():
     code = "import sys; sys.modules['trl'] = None\nimport hf_sdt\nhf_sdt.SDTSFTTrainer"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode != 0 and 'pip install "hf-sdt[trl]"' in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["updates", "weights"])
+def test_sft_under_two_processes_keeps_the_ranks_alike(tmp_path, mode):
+    """`accelerate launch` with 2 CPU processes (DDP, gloo): both ranks end with the same topology and weights."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        str(Path(__file__).parent / "ddp_train.py"), str(tmp_path), "2", f"sft-{mode}",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / f"world2_rank{rank}.pt") for rank in (0, 1))
+    assert any(key.endswith(("sdt_mask", "sdt_block_ids")) for key in rank0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
