@@ -20,10 +20,9 @@ from hf_sdt import SDTDPOTrainer  # noqa: E402  (needs trl)
 
 
 def logits(model, tokens):
+    """The logits of the model class's own forward (TRL patches the instance's)."""
     with torch.no_grad():
-        return LlamaForCausalLM.forward(
-            model, input_ids=tokens
-        ).logits  # the class's forward: TRL patches the instance's
+        return LlamaForCausalLM.forward(model, input_ids=tokens).logits
 
 
 @pytest.mark.parametrize("data", ["messages", "text"])
