@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
-from sdt_helpers import PAIRS, assert_same_state, sdt_config_for_trl, sft_trainer, tiny_llama, word_tokenizer
+from sdt_helpers import (
+    PAIRS,
+    assert_same_state,
+    sdt_config_for_trl,
+    sft_trainer,
+    tiny_llama,
+    word_tokenizer,
+)
 from transformers import LlamaForCausalLM
 
 from hf_sdt import from_pretrained, sdt_layers
@@ -124,3 +131,23 @@ def test_sft_under_two_processes_keeps_the_ranks_alike(tmp_path, mode):
     assert any(key.endswith(("sdt_mask", "sdt_block_ids")) for key in rank0)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
+
+
+def test_sft_pushes_the_sdt_card_and_loads_the_best_checkpoint(tmp_path, hub_server):
+    """Through TRL too: `push_to_hub` uploads the adapter with the SDT card, and `load_best_model_at_end` loads the
+    best checkpoint's adapter (here the highest loss, an early one, so that loading it changes the model)."""
+    trainer = sft_trainer(
+        tmp_path, "updates", "messages", max_steps=6, evaluate=True, save_strategy="steps", save_steps=2,
+        eval_strategy="steps",
+        eval_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True,
+        push_to_hub=True, hub_model_id="test-user/sft",
+    )  # fmt: skip
+    trainer.train()
+    assert not trainer.state.best_model_checkpoint.endswith("checkpoint-6")
+    best = from_pretrained(trainer.state.best_model_checkpoint, base_model=tiny_llama())
+    tokens = torch.tensor([[3, 4, 5, 6, 3, 7]])
+    torch.testing.assert_close(logits(trainer.model.eval(), tokens), logits(best.eval(), tokens))
+    trainer.push_to_hub()
+    _, files = hub_server.files("test-user/sft")
+    assert {"README.md", "sdt_adapter.safetensors", "sdt_adapter_config.json"} <= set(files)
+    assert "model.safetensors" not in files
