@@ -4,10 +4,12 @@ with the `FSDP_*` variables `accelerate launch` sets for recipes/accelerate/fsdp
 Runs under FSDP2 on CPU processes (gloo), in both modes: the plain-loop run of `sdt_helpers.train_with_controller`
 (each rank saves its gathered state dict, whether its own shards are zero outside the masks, and the logits of two
 sequences; the model is saved with `hf_sdt.save_pretrained`), and `SDTTrainer` for 12 steps with a checkpoint at
-step 6, then resumed from that checkpoint (each rank saves both final state dicts). First, models converted with
-different seeds on the two ranks must be refused.
+step 6, then resumed from that checkpoint (each rank saves both final state dicts); with TRL installed, TRL's
+SFTTrainer with SDT in updates mode (each rank saves its final state dict). First, models converted with different
+seeds on the two ranks must be refused.
 """
 
+import importlib.util
 import os
 import sys
 
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from accelerate import FullyShardedDataParallelPlugin
 from accelerate.state import PartialState
 from accelerate.utils import DistributedType
-from sdt_helpers import controller_config, make_config, tiny_gpt2, train_with_controller, training_args
+from sdt_helpers import controller_config, make_config, sft_trainer, tiny_gpt2, train_with_controller, training_args
 
 import hf_sdt
 from hf_sdt.blocks import zero_inactive_blocks_
@@ -25,7 +27,7 @@ from hf_sdt.sharding import full_state_dict
 from hf_sdt.trainer import SDTTrainer
 
 
-class FSDPOnCPUTrainer(SDTTrainer):
+class FSDPOnCPU:
     """`accelerate launch` with an FSDP config falls back to DDP on CPUs: set the accelerator to FSDP2 as that config
     does on GPUs, with the plugin its `FSDP_*` variables (in this process's environment) describe."""
 
@@ -35,6 +37,10 @@ class FSDPOnCPUTrainer(SDTTrainer):
         state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         state.fsdp_plugin = FullyShardedDataParallelPlugin()
         self.is_fsdp_enabled = True
+
+
+class FSDPOnCPUTrainer(FSDPOnCPU, SDTTrainer):
+    pass
 
 
 def shards_zero_outside_masks(model) -> bool:
@@ -90,4 +96,14 @@ if __name__ == "__main__":
         uninterrupted = train_with_trainer(mode, run_dir, resume=False)
         resumed = train_with_trainer(mode, run_dir, resume=True)
         torch.save({"uninterrupted": uninterrupted, "resumed": resumed}, f"{output_dir}/trainer-{mode}-rank{rank}.pt")
+    if importlib.util.find_spec("trl"):  # TRL's SFTTrainer with SDT, updates mode
+        from hf_sdt import SDTSFTTrainer
+
+        class FSDPOnCPUSFTTrainer(FSDPOnCPU, SDTSFTTrainer):
+            pass
+
+        trainer = sft_trainer(f"{output_dir}/sft", "updates", "messages", trainer_class=FSDPOnCPUSFTTrainer,
+                              per_device_train_batch_size=2)  # fmt: skip
+        trainer.train()
+        torch.save(full_state_dict(trainer.model), f"{output_dir}/sft-updates-rank{rank}.pt")
     dist.destroy_process_group()

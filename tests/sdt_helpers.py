@@ -271,9 +271,9 @@ def sdt_config_for_trl(mode: str) -> SDTConfig:
     return SDTConfig(density=0.5, block_size=16, schedule_end=0.3, update_interval=2, grow_criterion="random")
 
 
-def sft_trainer(tmp_path, mode, data, max_steps=6, evaluate=False, **overrides):
-    """An SDTSFTTrainer (TRL needed) of a tiny Llama on conversations ("messages") or plain text ("text"), which
-    it evaluates on too with `evaluate`."""
+def sft_trainer(tmp_path, mode, data, max_steps=6, evaluate=False, trainer_class=None, **overrides):
+    """An SDTSFTTrainer (TRL needed; or `trainer_class`) of a tiny Llama on conversations ("messages") or plain
+    text ("text"), which it evaluates on too with `evaluate`."""
     import trl
 
     from hf_sdt import SDTSFTTrainer
@@ -284,7 +284,8 @@ def sft_trainer(tmp_path, mode, data, max_steps=6, evaluate=False, **overrides):
         report_to=[], use_cpu=True, max_length=32, disable_tqdm=True, seed=0, **values,
     )  # fmt: skip
     dataset = Dataset.from_list(CONVERSATIONS if data == "messages" else TEXTS)
-    return SDTSFTTrainer(tiny_llama(), args=args, train_dataset=dataset, eval_dataset=dataset if evaluate else None,
+    trainer_class = trainer_class or SDTSFTTrainer
+    return trainer_class(tiny_llama(), args=args, train_dataset=dataset, eval_dataset=dataset if evaluate else None,
                          processing_class=word_tokenizer(), sdt_config=sdt_config_for_trl(mode))  # fmt: skip
 
 

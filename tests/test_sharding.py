@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import socket
 import subprocess
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sdt_helpers import assert_same_state, one_thread, tiny_gpt2, train_with_controller
+from sdt_helpers import assert_same_state, one_thread, tiny_gpt2, tiny_llama, train_with_controller
 
 import hf_sdt
 from hf_sdt.blocks import mask_of
@@ -36,15 +37,17 @@ def test_zero_at_takes_an_element_mask():
     assert torch.equal(tensor, (~where).float())
 
 
-def frozen_outside_active_blocks(state: dict, pretrained: dict) -> bool:
+def frozen_outside_active_blocks(state: dict, pretrained: dict, conv1d: bool = True) -> bool:
     """Updates mode: every weight outside the active blocks, and every other tensor of the base model, equals the
-    pretrained one exactly."""
+    pretrained one exactly (weights stored (in, out) with `conv1d`, as GPT-2's)."""
     for key, value in pretrained.items():
         layer = key.rpartition(".")[0]
-        if key.endswith(".weight") and layer + ".sdt_block_ids" in state:  # GPT-2's Conv1D: (in, out)
-            shape, block = value.t().shape, state[layer + ".sdt_updates"].shape[1:]
+        if key.endswith(".weight") and layer + ".sdt_block_ids" in state:
+            out_in = value.t() if conv1d else value
+            shape, block = out_in.shape, state[layer + ".sdt_updates"].shape[1:]
             grid = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
-            active = expand_block_mask(mask_of(state[layer + ".sdt_block_ids"], grid), tuple(block), tuple(shape)).t()
+            active = expand_block_mask(mask_of(state[layer + ".sdt_block_ids"], grid), tuple(block), tuple(shape))
+            active = active.t() if conv1d else active
             if not torch.equal(state[key][~active], value[~active]):
                 return False
         elif not torch.equal(state[key], value):
@@ -109,3 +112,8 @@ def test_fsdp2_runs_match_one_process_save_full_checkpoints_and_resume(tmp_path)
             uninterrupted, resumed = trainer_run["uninterrupted"], trainer_run["resumed"]
             for key, value in uninterrupted.items():
                 torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=f"{mode}, resumed: {key}")
+    if importlib.util.find_spec("trl"):  # TRL's SFTTrainer with SDT under FSDP2: the ranks agree, the base stays
+        ranks = [torch.load(tmp_path / f"sft-updates-rank{rank}.pt") for rank in (0, 1)]
+        for key in ranks[0]:
+            assert torch.equal(ranks[0][key], ranks[1][key]), f"SFT: {key} differs between ranks"
+        assert frozen_outside_active_blocks(ranks[0], tiny_llama().state_dict(), conv1d=False)
