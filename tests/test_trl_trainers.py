@@ -1,9 +1,7 @@
 import math
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +9,7 @@ from datasets import Dataset
 from sdt_helpers import (
     PAIRS,
     assert_same_state,
+    run_ddp_worker,
     sdt_config_for_trl,
     sft_trainer,
     tiny_llama,
@@ -116,18 +115,7 @@ def test_without_trl_the_error_says_what_to_install():
 @pytest.mark.parametrize("mode", ["updates", "weights"])
 def test_sft_under_two_processes_keeps_the_ranks_alike(tmp_path, mode):
     """`accelerate launch` with 2 CPU processes (DDP, gloo): both ranks end with the same topology and weights."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        str(Path(__file__).parent / "ddp_train.py"), str(tmp_path), "2", f"sft-{mode}",
-    ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    rank0, rank1 = (torch.load(tmp_path / f"world2_rank{rank}.pt") for rank in (0, 1))
+    rank0, rank1 = run_ddp_worker(tmp_path, 2, f"sft-{mode}")
     assert any(key.endswith(("sdt_mask", "sdt_block_ids")) for key in rank0)
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), f"{key} differs between ranks"
