@@ -66,9 +66,11 @@ def write_model_card(
     flops_saved: float | None = None,
     train_flops_ratio: float | None = None,
     packed: bool = False,
+    peft_format: bool = False,
 ) -> ModelCard:
     """Write `README.md` (from `model_cards/sdt_model_card.md`) and its two PNG pictures into `directory`; an
-    updates-mode model gets an adapter card (`base_model_relation: adapter`, a picture of the trained blocks).
+    updates-mode model gets an adapter card (`base_model_relation: adapter`, a picture of the trained blocks), which
+    says how stock PEFT loads it with `peft_format` (an adapter saved with `format="peft"`).
 
     Example:
         >>> write_model_card(model, "out", repo_id="me/sparse-gpt2", metrics={"eval_loss": 3.1})  # doctest: +SKIP
@@ -80,7 +82,7 @@ def write_model_card(
     metrics = metrics or {}
     adapter = config.mode == "updates"
     card_data = ModelCardData(
-        library_name="hf_sdt",
+        library_name="peft" if peft_format else "hf_sdt",
         tags=["sdt", "sparse", "block-sparse", "hf_sdt"],
         base_model=base_model,
         base_model_relation="adapter" if adapter else None,
@@ -120,6 +122,7 @@ def write_model_card(
         metrics={name: f"{value:.4g}" for name, value in metrics.items()},
         packed=packed,
         adapter=adapter,
+        peft_format=peft_format,
     )
     card.save(os.path.join(directory, "README.md"))
     return card

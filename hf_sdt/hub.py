@@ -289,5 +289,6 @@ def push_to_hub(
         save_pretrained(model, folder, packed=packed, base_model=card_kwargs["base_model"], format=format)
         if processing_class is not None:
             processing_class.save_pretrained(folder)
-        write_model_card(model, folder, repo_id=repo_id, packed=packed, **card_kwargs)
+        peft_format = format == "peft"
+        write_model_card(model, folder, repo_id=repo_id, packed=packed, peft_format=peft_format, **card_kwargs)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)

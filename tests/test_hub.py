@@ -340,10 +340,11 @@ def test_an_adapter_with_another_block_size_says_which_block_sizes_differ(tmp_pa
         hub.from_pretrained(str(tmp_path / "a"), base_model=other)
 
 
-def test_peft_format_adapter_loads_in_stock_peft_with_the_same_logits_and_merge(tmp_path):
+def test_peft_format_adapter_loads_in_stock_peft_with_the_same_logits_and_merge(tmp_path, hub_server):
     """`format="peft"`: a SHiRA adapter that `peft.PeftModel.from_pretrained` loads by itself (hf_sdt not used on
     the way in) with the trained model's logits and merged weights, on odd shapes (partial edge blocks), blocks
-    that differ in number across layers, and zero-valued padding where SHiRA's equal count needs it."""
+    that differ in number across layers, and zero-valued padding where SHiRA's equal count needs it; pushed, with a
+    card that says how PEFT loads it."""
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -365,6 +366,12 @@ def test_peft_format_adapter_loads_in_stock_peft_with_the_same_logits_and_merge(
     loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "peft").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, expected)
+    hub.push_to_hub(model, "test-user/peft-adapter", format="peft", base_model="test-user/base")
+    _, files = hub_server.files("test-user/peft-adapter")
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+    card = ModelCard.load("test-user/peft-adapter")
+    assert card.data.library_name == "peft"
+    assert 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("test-user/base")' in card.text
     merged = loaded.merge_and_unload().state_dict()
     for name, value in merge_and_unload(model).state_dict().items():
         torch.testing.assert_close(merged[name], value, msg=name)
