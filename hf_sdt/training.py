@@ -4,6 +4,7 @@ or a Hub dataset), tokenisation and packing into blocks, then `SDTTrainer` (or p
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -241,7 +242,11 @@ def is_main_process() -> bool:
 
 
 def end_distributed() -> None:
-    """Destroy the process group at the end of a distributed entry point: a rank that exits with it alive may abort
-    in the backend's teardown (`terminate called without an active exception`) after all its work is done."""
+    """End a distributed entry point cleanly: free the objects that hold the process group (a finished Trainer sits
+    in reference cycles with its DDP model, whose reducer holds the group and the tensors of its last collectives),
+    then destroy the group, while the interpreter is whole. Left to the interpreter's teardown, gloo's worker threads
+    may release those tensors after Python is gone, and the process aborts (`terminate called without an active
+    exception`) after all its work is done."""
+    gc.collect()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -70,3 +70,27 @@ def test_a_gpt2_from_the_command_line_names_its_loss():
     model_args, data_args, _, _ = parse_train_args([TINY])
     tokenizer = build_tokenizer(model_args, ["a few words of text"] * 4)
     assert build_model(model_args, tokenizer, data_args.max_seq_length).loss_type == "ForCausalLM"
+
+
+def test_end_distributed_frees_a_finished_trainer_first():
+    """What holds the process group (a finished Trainer, in reference cycles with its DDP model) is freed before the
+    group is destroyed, not left to the interpreter's teardown, where gloo's threads could abort the process."""
+    import gc
+    import weakref
+
+    from hf_sdt.training import end_distributed
+
+    class Finished:
+        pass
+
+    trainer = Finished()
+    trainer.cycle = trainer
+    alive = weakref.ref(trainer)
+    gc.disable()  # as if no collection ran between the end of training and the exit
+    try:
+        del trainer
+        assert alive() is not None
+        end_distributed()
+        assert alive() is None
+    finally:
+        gc.enable()
