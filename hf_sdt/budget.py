@@ -2,11 +2,12 @@
 
 A planned run prunes with the cubic schedule from dense at step 0 to `density` at `schedule_end`, the latest end
 that keeps the receipt within the budget: the longer a run stays dense-ish, the more it learns in its first steps,
-and the more it spends. The receipt of a step at density d is (1 - s) + s d, where s is the share of the dense
+and the more it spends. The receipt of a step at density d is (1 - s) + s c(d), where s is the share of the dense
 step's FLOPs in the targeted layers (measured on the first step, see `hf_sdt.compute`: the output layer, attention
-and untargeted layers make up 1 - s); each drop/grow update with gradient growth adds a dense weight gradient of the
-targeted layers, s / 3. This assumes products whose cost follows the density (the Triton kernels, or the blocked
-CPU path where it pays); the receipt itself counts what really ran.
+and untargeted layers make up 1 - s) and c(d) what the targeted layers' products cost at density d as a share of
+their dense cost, as they really run (the controller prices each layer's whole blocks on its device, so that a CPU
+layer whose blocked product does not pay counts dense; d itself by default); each drop/grow update with gradient
+growth adds a dense weight gradient of the targeted layers, s / 3.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from .config import SDTConfig
 from .schedule import density_at, is_update_step
 
 
-def planned_receipt(config: SDTConfig, total_steps: int, targeted_share: float, realized=None) -> float:
+def planned_receipt(config: SDTConfig, total_steps: int, targeted_share: float, step_cost=None) -> float:
     """The receipt at the end of `total_steps` steps of `config`'s schedule, when the targeted layers take
     `targeted_share` of a dense step's FLOPs. Step t runs on the mask pruned at the end of step t - 1 (step 0 is
-    dense); `realized(density)` is the density the layers' whole blocks really reach for a target (default: the
-    target itself).
+    dense); `step_cost(density)` is what the targeted layers cost at a target density, as a share of their dense
+    cost (default: the density itself).
 
     At density 0.1 with 90% of the FLOPs targeted a step costs 0.19 of a dense one; with the dense first step, 100
     steps cost 0.1981.
@@ -31,8 +32,8 @@ def planned_receipt(config: SDTConfig, total_steps: int, targeted_share: float, 
         >>> round(planned_receipt(config, 100, targeted_share=0.9), 4)
         0.1981
     """
-    realized = realized or (lambda density: density)
-    per_step = [1.0] + [(1 - targeted_share) + targeted_share * realized(density_at(t - 1, total_steps, config))
+    step_cost = step_cost or (lambda density: density)
+    per_step = [1.0] + [(1 - targeted_share) + targeted_share * step_cost(density_at(t - 1, total_steps, config))
                         for t in range(1, total_steps)]  # fmt: skip
     captures = 0
     if config.grow_criterion == "gradient":
@@ -40,9 +41,9 @@ def planned_receipt(config: SDTConfig, total_steps: int, targeted_share: float, 
     return (sum(per_step) + captures * targeted_share / 3) / total_steps
 
 
-def plan_schedule_end(config: SDTConfig, total_steps: int, targeted_share: float, realized=None) -> float:
+def plan_schedule_end(config: SDTConfig, total_steps: int, targeted_share: float, step_cost=None) -> float:
     """The latest `schedule_end` (a fraction of the steps) at which the cubic prune from dense to `config.density`
-    keeps `planned_receipt` (with `realized`) within `config.compute_budget`; a `ValueError` names the lowest
+    keeps `planned_receipt` (with `step_cost`) within `config.compute_budget`; a `ValueError` names the lowest
     budget when none does.
 
     Example:
@@ -53,7 +54,7 @@ def plan_schedule_end(config: SDTConfig, total_steps: int, targeted_share: float
     """
 
     def receipt(end: float) -> float:
-        return planned_receipt(dataclasses.replace(config, schedule_end=end), total_steps, targeted_share, realized)
+        return planned_receipt(dataclasses.replace(config, schedule_end=end), total_steps, targeted_share, step_cost)
 
     budget = config.compute_budget
     lowest = receipt(0.0)

@@ -140,6 +140,11 @@ class ComputeMeter:
         counted forward."""
         return self._dense_targeted / self._dense if self._dense else None
 
+    def sdt_layer_calls(self) -> list[tuple[SDTLayer, int, bool, bool]]:
+        """The step's forwards of SDT layers so far, as (layer, tokens, dX needed, backward follows)."""
+        return [(module, tokens, need_x, backward) for module, kind, tokens, _, _, need_x, backward in
+                (call for call in self._calls if call[1] == "linear") if isinstance(module, SDTLayer)]  # fmt: skip
+
     def add(self, flops: int) -> None:
         """Add work that only this run does (the dense model would not): e.g. a dense weight gradient taken for
         statistics."""

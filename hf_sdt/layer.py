@@ -14,6 +14,7 @@ from torch import nn
 from .blocks import block_ids_of, check_block_ids, gather_blocks, mask_of, zero_inactive_blocks_
 from .functional import (
     block_sparse_flops,
+    block_sparse_flops_of_count,
     cached_compact_layout,
     cached_layout,
     compact_linear,
@@ -158,6 +159,22 @@ class SDTLinear(SDTLayer):
         shape = (self.out_features, self.in_features)
         flops = block_sparse_flops(backend, weight, index, self.block_size, shape, tokens, backward, need_x, backward)
         return sum(flops)
+
+    def training_flops_at(self, block_count: int, tokens: int, need_x: bool = True, backward: bool = True) -> int:
+        """`training_flops` of this layer with `block_count` active blocks instead of its own: what a step at another
+        density would cost (the compute-budget planner prices its schedule with it).
+
+        Example:
+        >>> layer = SDTLinear(nn.Linear(128, 128), (64, 64), torch.eye(2, dtype=torch.bool), "torch")
+        >>> layer.training_flops_at(1, 2048) < layer.training_flops_at(2, 2048)
+        True
+        """
+        backend = self._resolved_backend()
+        if backend == "reference":
+            return self._dense_flops(tokens) * (1 + (1 + need_x) * backward)
+        shape, compact = (self.out_features, self.in_features), self.weight_parameter.dim() == 3
+        return block_sparse_flops_of_count(backend, shape, self.block_size, block_count, tokens, compact, need_x,
+                                           backward)  # fmt: skip
 
     def _product_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The weight and topology the products take: the (out, in) weight and its block mask."""

@@ -87,3 +87,26 @@ def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path):
     for (name, expected), actual in zip(model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
         torch.testing.assert_close(actual, expected, msg=name)
     assert second.metrics()["sdt/train_flops_ratio"] == controller.metrics()["sdt/train_flops_ratio"]
+
+
+def test_the_plan_prices_the_products_as_they_run_on_this_device():
+    """On a CPU the blocked product pays only at low density (here below about 0.4), and a layer above it runs one
+    dense GEMM: the plan counts that, so the receipt still ends within the budget."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = SDTConfig(density=0.2, block_size=32, compute_budget=0.6, update_interval=10)
+    gpt = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=256, n_head=4, vocab_size=64, attn_implementation="eager"))
+    model = get_sdt_model(gpt, config)
+    controller = SDTController(model, config, total_steps=30)
+    tokens = torch.randint(0, 64, (4, 128), generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for step in range(30):
+        controller.begin_step(step)
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        controller.before_optimizer_step(optimizer)
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.after_optimizer_step()
+    receipt = controller.metrics()["sdt/train_flops_ratio"]
+    assert 0.55 < receipt <= 0.6, receipt

@@ -132,23 +132,31 @@ class WeightsController(SDTController):
                 "first step eagerly."
             )
         share = float(_rank_zero_decision(torch.tensor([share], dtype=torch.float64, device=self._device())))
-        self._use_plan(plan_schedule_end(self.config, self.total_steps, share, self._realized_densities()))
+        end = plan_schedule_end(self.config, self.total_steps, share, self._step_costs())
+        self._use_plan(float(_rank_zero_decision(torch.tensor([end], dtype=torch.float64, device=self._device()))))
 
-    def _realized_densities(self):
-        """density -> the fraction of the targeted weights that whole blocks cover at that target (uniform or ERK
-        counts; a global distribution is taken as uniform), cached: the planner asks for each step's density."""
-        shapes = [(layer.out_features, layer.in_features) for layer in self.layers.values()]
-        sizes = [rows * cols for rows, cols in shapes]
-        block, distribution = self.config.block_shape, self.config.distribution
-        distribution = "uniform" if distribution == "global" else distribution
+    def _step_costs(self):
+        """density -> what this step's forwards and backwards of the targeted layers (as the first step ran them)
+        cost with the schedule's block counts at that density, as a share of their dense cost; cached, since the
+        planner asks for each step's density."""
+        layers = list(self.layers.values())
+        index = {id(layer): i for i, layer in enumerate(layers)}
+        calls = [(index[id(layer)], *sizes) for layer, *sizes in self.compute.sdt_layer_calls()]
+        dense = sum(layers[i]._dense_flops(tokens) * (1 + (1 + need_x) * backward) for i, tokens, need_x, backward in
+                    calls)  # fmt: skip
+        shapes = [(layer.out_features, layer.in_features) for layer in layers]
+        distribution = "uniform" if self.config.distribution == "global" else self.config.distribution
 
         @functools.cache
-        def realized(density: float) -> float:
-            counts = target_block_counts(shapes, block, density, distribution)
-            covered = sum(min(count * block[0] * block[1], size) for count, size in zip(counts, sizes, strict=True))
-            return covered / sum(sizes)
+        def layer_cost(i: int, count: int, tokens: int, need_x: bool, backward: bool) -> int:
+            return layers[i].training_flops_at(count, tokens, need_x, backward)
 
-        return realized
+        @functools.cache
+        def step_cost(density: float) -> float:
+            counts = target_block_counts(shapes, self.config.block_shape, density, distribution)
+            return sum(layer_cost(i, counts[i], *sizes) for i, *sizes in calls) / dense
+
+        return step_cost
 
     def _use_plan(self, schedule_end: float) -> None:
         self.planned_schedule_end = schedule_end

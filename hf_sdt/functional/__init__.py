@@ -53,7 +53,7 @@ from .dispatch import (
     resolve_backend,
     seen_by_dispatch_mode,
 )
-from .flops import block_sparse_flops, compact_update_grad_flops
+from .flops import block_sparse_flops, block_sparse_flops_of_count, compact_update_grad_flops
 from .layouts import (
     BlockedLayout,
     CompactLayout,
@@ -84,6 +84,7 @@ __all__ = [
     "TritonLayout",
     "TritonOps",
     "block_sparse_flops",
+    "block_sparse_flops_of_count",
     "block_sparse_mm",
     "block_sparse_mm_backward",
     "blocked_path_pays",

@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from ..blocks import mask_of
+from ..masks import block_grid
 from . import custom_ops  # noqa: F401  (defines the ops the formulas are registered for)
 from .cpu_ops import compact_grad_flops
 from .dispatch import choose_ops
-from .layouts import _layout_of, cached_compact_layout
+from .layouts import _layout_of, build_blocked_layout, build_compact_layout, cached_compact_layout
 
 
 def block_sparse_flops(
@@ -48,6 +50,36 @@ def compact_update_grad_flops(
     if backend == "triton":
         return 2 * tokens * block_ids.numel() * block[0] * block[1]
     return compact_grad_flops(cached_compact_layout(backend, block_ids, tuple(block), tuple(shape)), tokens)
+
+
+def block_sparse_flops_of_count(
+    backend: str,
+    shape: tuple[int, int],
+    block: tuple[int, int],
+    count: int,
+    tokens: int,
+    compact: bool,
+    need_x: bool = True,
+    backward: bool = True,
+) -> int:
+    """FLOPs of one training forward (and backward: dX when `need_x`, dW) of a weights-mode layer of `shape` with
+    `count` active blocks (the first ones, row-major), dense or `compact` storage, as `backend` would run it: what
+    a step at that density costs, before any mask of it exists.
+
+    Example:
+        >>> block_sparse_flops_of_count("torch", (128, 128), (64, 64), 1, 2048, compact=False)
+        50331648
+    """
+    if backend == "triton":
+        return 2 * tokens * count * block[0] * block[1] * (1 + (1 + need_x) * backward)
+    grid = block_grid(tuple(shape), tuple(block))
+    ids = torch.arange(min(count, grid[0] * grid[1]))
+    if compact:
+        layout = build_compact_layout("torch", ids, tuple(block), tuple(shape))
+    else:
+        layout = build_blocked_layout(mask_of(ids, grid), tuple(block), tuple(shape))
+    ops = choose_ops("torch", layout, tokens, backward)
+    return sum(ops.flops(layout, tokens, need_x and backward, backward))
 
 
 # The custom ops' formulas for FlopCounterMode, which sees each op as one call (get_raw: the index tensors matter).
