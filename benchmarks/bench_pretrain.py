@@ -159,21 +159,36 @@ def format_table(rows: list[dict], header: str) -> list[str]:
 
 
 def plot(rows: list[dict], path: str) -> None:
+    """Eval loss vs whole-model compute (receipt): one colour per kind of run, each point labelled by its row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    kinds = {}
     for row in rows:
         if row.get("infeasible"):
             continue
-        share = compute_shares(row, rows[0])[0]
-        marker = "o" if row["dense"] else "s"
-        axes.scatter(share, mean(row, "eval_loss"), marker=marker, label=row["name"])
+        kind = row["name"].split(",")[0] if not row["name"].startswith("dense,") else row["name"].split(" for ")[0]
+        kind = "dense, narrower" if kind.startswith("dense, narrower") else kind
+        kind = "dense, fewer steps" if kind.endswith("of the steps") else kind
+        color = kinds.setdefault(kind, f"C{len(kinds)}")
+        share, loss = compute_shares(row, rows[0])[0], mean(row, "eval_loss")
+        axes.scatter(
+            share,
+            loss,
+            color=color,
+            marker="o" if row["dense"] else "s",
+            label=kind if list(kinds).index(kind) == len(kinds) - 1 and kinds[kind] == color else None,
+        )
+        axes.annotate(row["name"].replace("compute_budget ", "b="), (share, loss), fontsize=5, xytext=(3, 2),
+                      textcoords="offset points")  # fmt: skip
     axes.set_xlabel("whole-model training FLOPs vs dense (receipt)")
     axes.set_ylabel("eval loss (held-out)")
-    axes.legend(fontsize=6)
+    handles, labels = axes.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one entry per kind
+    axes.legend(unique.values(), unique.keys(), fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
