@@ -8,6 +8,7 @@ import gc
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -239,6 +240,20 @@ def run_training(
 def is_main_process() -> bool:
     """Whether this is rank 0 of a distributed run (or the only process)."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def run_script(main, argv: list[str] | None = None):
+    """Run a training script's `main(argv)` (default: the command line's arguments) and end a distributed run cleanly
+    afterwards (`end_distributed`), whether it succeeded or not.
+
+    Example:
+        >>> run_script(lambda argv: len(argv), ["--max_steps", "10"])
+        2
+    """
+    try:
+        return main(sys.argv[1:] if argv is None else argv)
+    finally:
+        end_distributed()
 
 
 def end_distributed() -> None:

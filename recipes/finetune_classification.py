@@ -12,7 +12,6 @@ transformers' own or an SDTConfig field, and a YAML file may hold any of them.
 """
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +26,7 @@ from transformers import (
 
 from hf_sdt import SDTTrainer
 from hf_sdt.arguments import add_sdt_arguments, expand_config_file, sdt_config_from
-from hf_sdt.training import end_distributed, is_main_process
+from hf_sdt.training import is_main_process, run_script
 
 
 @dataclass
@@ -90,7 +89,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    finally:
-        end_distributed()
+    run_script(main)

@@ -12,7 +12,6 @@ Updates mode (a small adapter over the frozen base) is the default here; `--mode
 """
 
 import os
-import sys
 from dataclasses import dataclass, field
 
 from datasets import load_dataset
@@ -21,7 +20,7 @@ from trl import SFTConfig
 
 from hf_sdt import SDTSFTTrainer
 from hf_sdt.arguments import add_sdt_arguments, expand_config_file, sdt_config_from
-from hf_sdt.training import end_distributed, is_main_process
+from hf_sdt.training import is_main_process, run_script
 
 
 @dataclass
@@ -57,7 +56,4 @@ def main(argv: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    finally:
-        end_distributed()
+    run_script(main)
