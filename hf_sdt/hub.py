@@ -89,7 +89,7 @@ def save_pretrained(
         return
     if format == "peft":
         base = recorded_base(base_model or getattr(model.config, "_name_or_path", None))
-        save_peft_shira(model, str(save_directory), base)
+        save_peft_shira(model, state, str(save_directory), base)
         return
     if SDTConfig.from_dict(model.config.sdt_config).mode == "updates":
         save_adapter(model, state, str(save_directory), base_model, revision)

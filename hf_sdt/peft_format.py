@@ -23,9 +23,11 @@ from .update_layer import SDTUpdateLinear
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def save_peft_shira(model: nn.Module, directory: str, base_model_name_or_path: str | None) -> dict[str, int]:
-    """Write the updates of `model` (updates mode, `nn.Linear` targets) as a PEFT SHiRA adapter in `directory`;
-    return the entries written and how many of them are padding.
+def save_peft_shira(
+    model: nn.Module, state: dict[str, torch.Tensor], directory: str, base_model_name_or_path: str | None
+) -> dict[str, int]:
+    """Write the updates of `model` (updates mode, `nn.Linear` targets), read from its full `state` dict (gathered,
+    under FSDP2), as a PEFT SHiRA adapter in `directory`; return the entries written and how many are padding.
 
     Example:
         >>> hf_sdt.save_pretrained(model, "my-adapter", format="peft")  # doctest: +SKIP
@@ -34,7 +36,8 @@ def save_peft_shira(model: nn.Module, directory: str, base_model_name_or_path: s
     from peft import ShiraConfig  # peft is a dependency of hf_sdt; imported here, where it is used
 
     layers = _linear_update_layers(model)
-    entries = {name: _effective_entries(layer) for name, layer in layers.items()}
+    entries = {name: _effective_entries(layer, state[name + ".sdt_updates"], state[name + ".sdt_block_ids"])
+               for name, layer in layers.items()}  # fmt: skip
     rank = max(-(-values.numel() // (layer.in_features + layer.out_features))
                for (rows, cols, values), layer in zip(entries.values(), layers.values(), strict=True))  # fmt: skip
     tensors, padding = {}, 0
@@ -78,11 +81,11 @@ def _linear_update_layers(model: nn.Module) -> dict[str, SDTUpdateLinear]:
     return layers
 
 
-def _effective_entries(layer: SDTUpdateLinear):
+def _effective_entries(layer: SDTUpdateLinear, updates: torch.Tensor, block_ids: torch.Tensor):
     """(rows, cols, values) of the layer's delta, update_scale x updates, inside the weight (edge padding cut)."""
     shape = (layer.out_features, layer.in_features)
-    rows, cols, inside = element_positions(layer.sdt_block_ids, layer.block_size, shape)
-    values = layer.update_scale * layer.sdt_updates.detach()
+    rows, cols, inside = element_positions(block_ids, layer.block_size, shape)
+    values = layer.update_scale * updates.detach()
     return rows[inside], cols[inside], values[inside]
 
 
