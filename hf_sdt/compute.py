@@ -138,7 +138,11 @@ class ComputeMeter:
     def targeted_share(self) -> float | None:
         """The share of the SDT layers (as dense layers) in the dense FLOPs of the step so far; None before any
         counted forward."""
-        return self._dense_targeted / self._dense if self._dense else None
+        return self.targeted_dense_flops() / self._dense if self._dense else None
+
+    def targeted_dense_flops(self) -> int:
+        """The FLOPs of the step so far of the dense layers the SDT layers replaced."""
+        return self._dense_targeted
 
     def sdt_layer_calls(self) -> list[tuple[SDTLayer, int, bool, bool]]:
         """The step's forwards of SDT layers so far, as (layer, tokens, dX needed, backward follows)."""
@@ -199,13 +203,13 @@ class ComputeMeter:
             self._dense += forward * (1 + 2 * backward)
             return
         tokens, in_features, out_features, need_x, backward = sizes
-        product = linear_flops(tokens, in_features, out_features)
         if isinstance(module, SDTLayer):
-            dense = product * (1 + (need_x + 1) * backward)
+            dense = module.dense_training_flops(tokens, need_x, backward)
             self._actual += module.training_flops(tokens, need_x, backward)
             self._dense += dense
             self._dense_targeted += dense
             return
+        product = linear_flops(tokens, in_features, out_features)
         need_w = backward and module.weight.requires_grad
         self._actual += product * (1 + need_x + need_w)
         self._dense += product * (1 + need_x + need_w)

@@ -91,8 +91,11 @@ class SDTLayer(nn.Module):
         """
         raise NotImplementedError
 
-    def _dense_flops(self, tokens: int) -> int:
-        return 2 * tokens * self.out_features * self.in_features
+    def dense_training_flops(self, tokens: int, need_x: bool = True, backward: bool = True) -> int:
+        """`training_flops` of the dense layer this one replaced, its weight trained: the forward, then dX (when
+        `need_x`) and dW, one dense GEMM each."""
+        product = 2 * tokens * self.out_features * self.in_features
+        return product * (1 + (1 + need_x) * backward)
 
     def _resolved_backend(self) -> str:
         return resolve_backend(self.backend, self.weight.device, self.block_size)
@@ -154,7 +157,7 @@ class SDTLinear(SDTLayer):
     def training_flops(self, tokens: int, need_x: bool = True, backward: bool = True) -> int:
         backend = self._resolved_backend()
         if backend == "reference":
-            return self._dense_flops(tokens) * (1 + (1 + need_x) * backward)
+            return self.dense_training_flops(tokens, need_x, backward)
         weight, index = self._product_operands()
         shape = (self.out_features, self.in_features)
         flops = block_sparse_flops(backend, weight, index, self.block_size, shape, tokens, backward, need_x, backward)
@@ -171,7 +174,7 @@ class SDTLinear(SDTLayer):
         """
         backend = self._resolved_backend()
         if backend == "reference":
-            return self._dense_flops(tokens) * (1 + (1 + need_x) * backward)
+            return self.dense_training_flops(tokens, need_x, backward)
         shape, compact = (self.out_features, self.in_features), self.weight_parameter.dim() == 3
         return block_sparse_flops_of_count(backend, shape, self.block_size, block_count, tokens, compact, need_x,
                                            backward)  # fmt: skip

@@ -74,14 +74,11 @@ class SDTUpdateLinear(SDTLayer):
         return (2 + self.density) / 3  # forward and dX are dense, the weight gradient covers the active blocks
 
     def training_flops(self, tokens: int, need_x: bool = True, backward: bool = True) -> int:
-        if not backward:
-            return self._dense_flops(tokens)
         backend, shape = self._resolved_backend(), (self.out_features, self.in_features)
-        if backend == "reference":
-            grad = self._dense_flops(tokens)
-        else:
-            grad = compact_update_grad_flops(backend, self.sdt_block_ids, self.block_size, shape, tokens)
-        return self._dense_flops(tokens) * (1 + need_x) + grad
+        if not backward or backend == "reference":  # the reference backend forms the dense weight gradient
+            return self.dense_training_flops(tokens, need_x, backward)
+        grad = compact_update_grad_flops(backend, self.sdt_block_ids, self.block_size, shape, tokens)
+        return self.dense_training_flops(tokens, need_x, backward=False) * (1 + need_x) + grad
 
     def _versions(self) -> tuple:
         return tuple((t, tensor_version(t)) for t in (self.sdt_updates, self.sdt_block_ids, self.sdt_base))

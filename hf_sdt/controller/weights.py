@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ..budget import plan_schedule_end
-from ..compute import linear_flops
 from ..config import SDTConfig
 from ..layer import SDTCompactLinear, SDTLinear
 from ..masks import block_element_counts
@@ -143,8 +142,7 @@ class WeightsController(SDTController):
         layers = list(self.layers.values())
         index = {id(layer): i for i, layer in enumerate(layers)}
         calls = [(index[id(layer)], *sizes) for layer, *sizes in self.compute.sdt_layer_calls()]
-        dense = sum(linear_flops(tokens, layers[i].in_features, layers[i].out_features) * (1 + (1 + need_x) * backward)
-                    for i, tokens, need_x, backward in calls)  # fmt: skip
+        dense = self.compute.targeted_dense_flops()
         shapes = [(layer.out_features, layer.in_features) for layer in layers]
         distribution = "uniform" if self.config.distribution == "global" else self.config.distribution
 
