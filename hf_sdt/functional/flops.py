@@ -15,6 +15,7 @@ from . import custom_ops  # noqa: F401  (defines the ops the formulas are regist
 from .cpu_ops import compact_grad_flops
 from .dispatch import choose_ops
 from .layouts import _layout_of, build_blocked_layout, build_compact_layout, cached_compact_layout
+from .triton_ops import triton_product_flops
 
 
 def block_sparse_flops(
@@ -48,7 +49,7 @@ def compact_update_grad_flops(
         80
     """
     if backend == "triton":
-        return 2 * tokens * block_ids.numel() * block[0] * block[1]
+        return triton_product_flops(tokens, block_ids.numel(), block)
     return compact_grad_flops(cached_compact_layout(backend, block_ids, tuple(block), tuple(shape)), tokens)
 
 
@@ -71,7 +72,7 @@ def block_sparse_flops_of_count(
         50331648
     """
     if backend == "triton":
-        return 2 * tokens * count * block[0] * block[1] * (1 + (1 + need_x) * backward)
+        return triton_product_flops(tokens, count, block) * (1 + (1 + need_x) * backward)
     grid = block_grid(tuple(shape), tuple(block))
     ids = torch.arange(min(count, grid[0] * grid[1]))
     if compact:

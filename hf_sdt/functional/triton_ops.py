@@ -35,7 +35,7 @@ class TritonOps:
     def flops(layout, tokens: int, need_x: bool, need_w: bool) -> tuple[int, int, int]:
         """FLOPs (forward, dX, dW) of one call: every kernel multiplies whole blocks (the padding of edge blocks
         included), one per active block."""
-        product = 2 * tokens * triton_active_blocks(layout) * layout.block[0] * layout.block[1]
+        product = triton_product_flops(tokens, triton_active_blocks(layout), layout.block)
         return product, need_x * product, need_w * product
 
     @staticmethod
@@ -50,6 +50,11 @@ class TritonOps:
         elif need_w:
             grad_w = kernels.block_sparse_grad_weight(grad_out, x, weight, layout.meta, layout.block)
         return grad_x, grad_w
+
+
+def triton_product_flops(tokens: int, n_blocks: int, block: tuple[int, int]) -> int:
+    """FLOPs of one Triton product (forward, dX, dW or the compact gradient) over `n_blocks` whole blocks."""
+    return 2 * tokens * n_blocks * block[0] * block[1]
 
 
 def triton_active_blocks(layout) -> int:
