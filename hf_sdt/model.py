@@ -321,6 +321,58 @@ def disable_updates(model: nn.Module) -> Iterator[nn.Module]:
             layer.set_update_scale_(scale)
 
 
+def unused_trainable_parameters(model: nn.Module) -> list[str] | None:
+    """The names of the trainable parameters that a forward pass of the model's `dummy_inputs` leaves out of the
+    autograd graph, or None when the model has no dummy inputs or cannot run them (then nothing is known).
+
+    DDP needs `find_unused_parameters=True` only when this is not empty: SDT layers use every parameter they hold
+    (their inactive blocks are not parameters), so `SDTTrainer` sets the flag from this list instead of
+    transformers' cautious `True`, which costs a graph traversal per step and a warning. The forward runs in
+    eval mode (no dropout, so no random numbers drawn) on a batch of 3 x 5 tokens; the modes are restored after.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2))
+        >>> unused_trainable_parameters(model)
+        []
+        >>> model.transformer.h[0].unused = nn.Linear(4, 4)
+        >>> unused_trainable_parameters(model)
+        ['transformer.h.0.unused.weight', 'transformer.h.0.unused.bias']
+    """
+    dummy_inputs = getattr(model, "dummy_inputs", None)
+    if not isinstance(dummy_inputs, dict):
+        return None
+    modes = {module: module.training for module in model.modules()}
+    device = next(model.parameters()).device
+    try:
+        model.eval()
+        with torch.enable_grad():
+            outputs = model(**{key: value.to(device) for key, value in dummy_inputs.items()})
+    except Exception:  # a model whose dummy inputs do not fit its forward: nothing is known
+        return None
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    values = outputs.values() if isinstance(outputs, dict) else outputs
+    reached = _graph_leaves([value for value in values if torch.is_tensor(value) and value.grad_fn is not None])
+    return [name for name, param in model.named_parameters() if param.requires_grad and id(param) not in reached]
+
+
+def _graph_leaves(tensors: list[torch.Tensor]) -> set[int]:
+    """The ids of the leaf tensors that the autograd graphs of `tensors` accumulate gradients into."""
+    leaves, seen = set(), set()
+    stack = [tensor.grad_fn for tensor in tensors]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.add(id(node.variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
 def weighted_mean(layers, attribute: str) -> float:
     """Mean of a per-layer value (`density`, `flops_fraction`) over SDT layers, weighted by their weight sizes."""
     layers = list(layers)

@@ -20,7 +20,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import SDTConfig
 from .controller import SDTController
-from .model import get_sdt_model, sdt_layers
+from .model import get_sdt_model, sdt_layers, unused_trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,20 @@ class SDTTrainerMixin:
             )
         self.sdt_callback = SDTCallback(lambda model, steps: SDTController(model, self.sdt_config, steps))
         self.add_callback(self.sdt_callback)
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """DDP's `find_unused_parameters` from what the model needs, when `ddp_find_unused_parameters` is left unset:
+        transformers turns it on for every model (a graph traversal each step, and a warning when nothing was
+        unused); it stays on only when a forward leaves some trainable parameter out (`unused_trainable_parameters`)
+        or nothing is known."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        ddp_kwargs = accelerator_args["kwargs_handlers"][0]
+        decided_by_transformers = self.args.ddp_find_unused_parameters is None and ddp_kwargs.find_unused_parameters
+        if decided_by_transformers and self.args.world_size > 1:
+            unused = unused_trainable_parameters(self.model)
+            ddp_kwargs.find_unused_parameters = unused != []
+            logger.info("DDP find_unused_parameters=%s (unused trainable parameters: %s)", unused != [], unused)
+        return accelerator_args
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the SDT metrics to every training log."""

@@ -35,6 +35,7 @@ from hf_sdt import (
     unload,
 )
 from hf_sdt.masks import expand_block_mask
+from hf_sdt.model import unused_trainable_parameters
 
 VOCAB = 96
 TINY = {
@@ -362,3 +363,22 @@ def test_disable_updates_gives_the_base_model_and_restores_the_updates():
     assert not torch.allclose(trained, expected)
     with pytest.raises(ValueError, match="updates-mode"), disable_updates(TINY["gpt2"]()):
         pass
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("mode", ["weights", "updates"])
+def test_sdt_models_use_every_trainable_parameter(family, mode):
+    model = get_sdt_model(TINY[family](), SDTConfig(mode=mode, block_size=16, density=0.25))
+    assert unused_trainable_parameters(model) == []
+
+
+def test_unused_trainable_parameters_are_named_and_the_modes_restored():
+    model = get_sdt_model(TINY["llama"](), SDTConfig(block_size=16)).train()
+    model.model.layers[0].mlp.extra = nn.Linear(4, 4)
+    model.model.layers[1].eval()
+    frozen = nn.Linear(4, 4).requires_grad_(False)
+    model.model.frozen = frozen
+    assert unused_trainable_parameters(model) == ["model.layers.0.mlp.extra.weight", "model.layers.0.mlp.extra.bias"]
+    assert model.training and model.model.layers[0].training and not model.model.layers[1].training
+    assert all(param.grad is None for param in model.parameters())
+    assert unused_trainable_parameters(nn.Linear(4, 4)) is None  # no dummy inputs: nothing is known
