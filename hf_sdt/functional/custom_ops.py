@@ -94,10 +94,16 @@ def _block_sparse_mm_backward_fake(grad_out, x, weight, index, block_rows, block
     return x.new_empty(x.shape if need_x else (0,)), weight.new_empty(weight.shape if need_w else (0,))
 
 
-block_sparse_mm.register_autograd(
-    lambda ctx, grad_out: _block_sparse_input_grads(ctx, grad_out, block_sparse_mm_backward),
-    setup_context=_save_for_block_sparse_backward,
-)
+@torch.compiler.disable
+def _block_sparse_mm_grads(ctx, grad_out: torch.Tensor) -> tuple:
+    """The autograd formula of `block_sparse_mm`. Disabled for dynamo: when `backward()` runs inside a compiled
+    function whose graph was not compiled with its backward (backend "eager"), autograd calls this from inside the
+    compiled region, and dynamo would compile it as a frame of its own, once per layer shape; AOTAutograd's
+    tracing of the backward (every other backend) goes through it unchanged."""
+    return _block_sparse_input_grads(ctx, grad_out, block_sparse_mm_backward)
+
+
+block_sparse_mm.register_autograd(_block_sparse_mm_grads, setup_context=_save_for_block_sparse_backward)
 
 
 def _compact_update_grad(grad_out, x, block_ids, block_rows: int, block_cols: int, backend: str) -> torch.Tensor:
