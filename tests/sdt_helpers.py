@@ -78,11 +78,18 @@ def make_updates_config(**overrides) -> SDTConfig:
 
 def train_and_save_state(output_dir: str, batch_size: int, mode: str = "weights") -> None:
     """Train with SDTTrainer (12 steps, gradient growth or selection; "weights-compact": a constant schedule, so
-    compact storage), then save this rank's state dict (`save_rank_state`)."""
+    compact storage; "weights-budget": the schedule planned for a compute budget, on the blocked path so that the
+    sparse steps are cheaper), then save this rank's state dict (`save_rank_state`) and its receipt."""
+    from unittest import mock
+
+    from hf_sdt.functional import dispatch
+
     if mode == "updates":
         config = make_updates_config(update_interval=3)
     elif mode == "weights-compact":
         config = make_config(grow_criterion="gradient", schedule="constant", update_interval=3)
+    elif mode == "weights-budget":
+        config = make_config(grow_criterion="gradient", update_interval=3, compute_budget=0.7)
     else:
         config = make_config(grow_criterion="gradient", schedule_end=0.3, update_interval=3)
     trainer = SDTTrainer(
@@ -91,17 +98,22 @@ def train_and_save_state(output_dir: str, batch_size: int, mode: str = "weights"
         train_dataset=ByteChunks(),
         sdt_config=config,
     )
-    trainer.train()
-    save_rank_state(trainer.model, output_dir)
+    blocked_pays = (lambda layout, tokens, block: True) if mode == "weights-budget" else dispatch.blocked_path_pays
+    with mock.patch.object(dispatch, "blocked_path_pays", blocked_pays):
+        trainer.train()
+    save_rank_state(trainer.model, output_dir, trainer.sdt_callback.controller.metrics()["sdt/train_flops_ratio"])
 
 
-def save_rank_state(model: nn.Module, output_dir: str) -> None:
-    """This rank's state dict as `world{W}_rank{R}.pt` in `output_dir`."""
+def save_rank_state(model: nn.Module, output_dir: str, receipt: float | None = None) -> None:
+    """This rank's state dict (with the compute `receipt` under "receipt" when given) as `world{W}_rank{R}.pt` in
+    `output_dir`."""
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     state = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    if receipt is not None:
+        state["receipt"] = torch.tensor(receipt, dtype=torch.float64)
     torch.save(state, f"{output_dir}/world{world}_rank{rank}.pt")
 
 
