@@ -105,7 +105,9 @@ class SDTTrainerMixin:
         accelerator_args = super()._build_accelerator_args(**kwargs)
         ddp_kwargs = accelerator_args["kwargs_handlers"][0]
         decided_by_transformers = self.args.ddp_find_unused_parameters is None and ddp_kwargs.find_unused_parameters
-        if decided_by_transformers and self.args.world_size > 1:
+        # accelerate's own test of FSDP (then the DDP flag is unused, and the probe's forward not worth its cost)
+        fsdp = kwargs.get("fsdp_plugin") is not None or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        if decided_by_transformers and self.args.world_size > 1 and not fsdp:
             unused = unused_trainable_parameters(self.model)
             ddp_kwargs.find_unused_parameters = unused != []
             logger.info("DDP find_unused_parameters=%s (unused trainable parameters: %s)", unused != [], unused)

@@ -387,3 +387,24 @@ def test_sdt_trainer_spends_at_most_its_compute_budget(tmp_path, force_blocked_p
     receipt = [entry["sdt/train_flops_ratio"] for entry in trainer.state.log_history if "sdt/density" in entry]
     assert 0.48 < receipt[-1] <= 0.5
     assert trainer.sdt_callback.controller.planned_schedule_end < 0.5
+
+
+@pytest.mark.parametrize(
+    ("unused_module", "user_value", "expected"),
+    [(False, None, False), (True, None, True), (False, True, True), (True, False, False)],
+    ids=["all-used", "one-unused", "user-on", "user-off"],
+)
+def test_ddp_find_unused_parameters_follows_the_model(tmp_path, unused_module, user_value, expected):
+    """Left unset, DDP's flag is on only when a forward leaves a trainable parameter unused; a value the user sets is
+    kept (the accelerator is built as for 2 processes; nothing is launched)."""
+    from unittest import mock
+
+    from transformers import TrainingArguments
+
+    model = tiny_gpt2()
+    if unused_module:
+        model.transformer.unused = torch.nn.Linear(4, 4)
+    args = training_args(tmp_path, ddp_find_unused_parameters=user_value)
+    with mock.patch.object(TrainingArguments, "world_size", new_callable=mock.PropertyMock, return_value=2):
+        trainer = SDTTrainer(model=model, args=args, train_dataset=ByteChunks(), sdt_config=make_config())
+    assert trainer.accelerator.ddp_handler.find_unused_parameters is expected
