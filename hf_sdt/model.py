@@ -329,6 +329,8 @@ def unused_trainable_parameters(model: nn.Module) -> list[str] | None:
     (their inactive blocks are not parameters), so `SDTTrainer` sets the flag from this list instead of
     transformers' cautious `True`, which costs a graph traversal per step and a warning. The forward runs in
     eval mode (no dropout, so no random numbers drawn) on a batch of 3 x 5 tokens; the modes are restored after.
+    A model whose parameters in use change from step to step gets None too: one that drops layers at random in
+    training (a `*layerdrop` config field above 0) or routes tokens to experts (a `*experts` field above 1).
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -340,7 +342,7 @@ def unused_trainable_parameters(model: nn.Module) -> list[str] | None:
         ['transformer.h.0.unused.weight', 'transformer.h.0.unused.bias']
     """
     dummy_inputs = getattr(model, "dummy_inputs", None)
-    if not isinstance(dummy_inputs, dict):
+    if not isinstance(dummy_inputs, dict) or _parameter_use_varies(getattr(model, "config", None)):
         return None
     modes = {module: module.training for module in model.modules()}
     device = next(model.parameters()).device
@@ -356,6 +358,16 @@ def unused_trainable_parameters(model: nn.Module) -> list[str] | None:
     values = outputs.values() if isinstance(outputs, dict) else outputs
     reached = _graph_leaves([value for value in values if torch.is_tensor(value) and value.grad_fn is not None])
     return [name for name, param in model.named_parameters() if param.requires_grad and id(param) not in reached]
+
+
+def _parameter_use_varies(config) -> bool:
+    """Whether a transformers config describes a model that uses other parameters at other training steps."""
+    fields = vars(config) if config is not None else {}
+    return any(
+        isinstance(value, (int, float))
+        and ((name.endswith("layerdrop") and value > 0) or (name.endswith("experts") and value > 1))
+        for name, value in fields.items()
+    )
 
 
 def _graph_leaves(tensors: list[torch.Tensor]) -> set[int]:

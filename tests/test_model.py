@@ -376,9 +376,18 @@ def test_unused_trainable_parameters_are_named_and_the_modes_restored():
     model = get_sdt_model(TINY["llama"](), SDTConfig(block_size=16)).train()
     model.model.layers[0].mlp.extra = nn.Linear(4, 4)
     model.model.layers[1].eval()
-    frozen = nn.Linear(4, 4).requires_grad_(False)
-    model.model.frozen = frozen
+    model.model.frozen = nn.Linear(4, 4).requires_grad_(False)  # unused, but it trains nothing
     assert unused_trainable_parameters(model) == ["model.layers.0.mlp.extra.weight", "model.layers.0.mlp.extra.bias"]
     assert model.training and model.model.layers[0].training and not model.model.layers[1].training
     assert all(param.grad is None for param in model.parameters())
     assert unused_trainable_parameters(nn.Linear(4, 4)) is None  # no dummy inputs: nothing is known
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("layerdrop", 0.1), ("encoder_layerdrop", 0.05), ("num_local_experts", 8)]
+)
+def test_unused_trainable_parameters_are_unknown_when_their_use_varies(field, value):
+    model = TINY["llama"]()
+    assert unused_trainable_parameters(model) == []
+    setattr(model.config, field, value)  # other layers dropped, or other experts routed to, at each step
+    assert unused_trainable_parameters(model) is None
