@@ -189,12 +189,25 @@ def train(method: str, lr: float, seed: int, task: dict, args) -> dict:
     }  # fmt: skip
 
 
+def run_label(run: dict, block_size: int) -> str:
+    """The method, and the settings of the run that differ from the report's (a lever study's rows)."""
+    changes = [f"{name}={value}" for name, value in run["sdt"].items()]
+    if run["block_size"] != block_size:
+        changes.append(f"blocks {run['block_size']}")
+    if run["updates_lr_ratio"] != 1.0:
+        changes.append(f"updates lr x {run['updates_lr_ratio']:g}")
+    return run["method"] + (f" ({', '.join(changes)})" if changes else "")
+
+
 def write_report(runs: list[dict], args) -> None:
     """The learning-rate grid of every method (seed 0) and each method's best rate over all its seeds."""
     untouched = [r for r in runs if r["method"] == UNTOUCHED]
-    grid = {(r["method"], r["lr"]): r for r in runs if r["seed"] == 0 and r["method"] != UNTOUCHED}
+    block_size = statistics.mode(r["block_size"] for r in runs)  # the report's; rows with another say so
+    runs = [{**r, "method": run_label(r, block_size)} for r in runs if r["method"] != UNTOUCHED]
+    grid = {(r["method"], r["lr"]): r for r in runs if r["seed"] == 0}
     rates = sorted({lr for _, lr in grid})
-    methods = [m for m in METHODS if any(method == m for method, _ in grid)]
+    order = {method: i for i, method in enumerate(METHODS)}
+    methods = sorted({m for m, _ in grid}, key=lambda m: (order[m.split(" (")[0]], m))
     chance = 1 / len(NOVELS)
     baseline = "not measured"
     if untouched:
@@ -203,7 +216,7 @@ def write_report(runs: list[dict], args) -> None:
         f"{datetime.date.today()} | {os.cpu_count()} CPUs | torch {torch.__version__} | all-MiniLM-L6-v2 | "
         f"which Austen novel (6 classes, chance {chance:.1%}), {args.train} train / {args.test} test passages of "
         f"{args.words} words | one epoch, batch {args.batch}, AdamW, linear decay, no warm-up, clip 1 | blocks "
-        f"{args.block_size} | SDT settings {args.sdt or 'defaults'}",
+        f"{block_size} | SDT settings defaults (otherwise named in the row)",
         "",
         "Test accuracy by learning rate (seed 0); in brackets the share of the most predicted class (1.00 = one "
         f"class always). Chance: {chance:.1%}; the untouched encoder with its fresh head (no training): {baseline}.",
@@ -245,18 +258,23 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--block_size", type=int, default=None, help="default: SDTConfig's")
-    parser.add_argument("--sdt", type=json.loads, default={}, help='other SDTConfig fields as JSON, e.g. \'{"x": 1}\'')
+    parser.add_argument("--sdt", type=json.loads, default={}, help="other SDTConfig fields as JSON, e.g. '{\"x\": 1}'")
     parser.add_argument("--updates_lr_ratio", type=float, default=1.0, help="updates mode's rate / the head's rate")
-    parser.add_argument("--log", help="JSON lines file the runs are appended to")
-    parser.add_argument("--report", help="write the table of the runs in --log here (runs nothing)")
+    parser.add_argument("--log", nargs="+", help="JSON lines file the runs are appended to (reports: one or more)")
+    parser.add_argument("--report", help="write the table of the runs in the --log files here (runs nothing)")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.block_size is None:
         args.block_size = SDTConfig(mode="updates").block_shape[0]
     if args.report:
-        with open(args.log, encoding="utf-8") as handle:
-            write_report([json.loads(line) for line in handle if line.strip()], args)
+        runs = []
+        for log in args.log:
+            with open(log, encoding="utf-8") as handle:
+                runs += [json.loads(line) for line in handle if line.strip()]
+        write_report(runs, args)
         return
+    if args.log and len(args.log) > 1:
+        parser.error("runs are appended to one --log file")
     if args.smoke:  # a tiny random BERT and a word-level tokenizer: seconds, nothing to install
         args.vocab = 500
         args.train, args.test, args.words, args.max_length, args.block_size, args.lrs = 48, 24, 12, 24, 16, [5e-4]
@@ -271,7 +289,7 @@ def main() -> None:
                 run = train(method, lr, seed, task, args)
                 print(json.dumps(run), flush=True)
                 if args.log:
-                    with open(args.log, "a", encoding="utf-8") as handle:
+                    with open(args.log[0], "a", encoding="utf-8") as handle:
                         handle.write(json.dumps(run) + "\n")
 
 

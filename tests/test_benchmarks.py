@@ -76,6 +76,10 @@ def test_classification_benchmark_logs_each_run_and_reports_every_method(tmp_pat
         "untouched", "full", "lora", "shira", "updates_half", "updates", "updates_double"
     ]  # fmt: skip
     assert len({run["trainable"] for run in runs if run["method"] in ("lora", "shira")}) == 1, "equal budgets"
-    run_script("bench_finetune_classification.py", "--log", str(log), "--report", str(report))
+    levers = tmp_path / "levers.jsonl"  # a lever study's runs, reported beside the defaults' under their own label
+    run_script("bench_finetune_classification.py", "--smoke", "--methods", "updates", "--sdt", '{"drop_fraction": 0}',
+               "--log", str(levers))  # fmt: skip
+    run_script("bench_finetune_classification.py", "--log", str(log), str(levers), "--report", str(report))
     text = report.read_text()
     assert "Chance: 16.7%; the untouched encoder with its fresh head" in text and "| updates_double |" in text
+    assert "| updates (drop_fraction=0) |" in text
