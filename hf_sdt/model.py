@@ -4,6 +4,7 @@ summarise it."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
@@ -346,10 +347,14 @@ def unused_trainable_parameters(model: nn.Module) -> list[str] | None:
         return None
     modes = {module: module.training for module in model.modules()}
     device = next(model.parameters()).device
+    inputs = {key: value.to(device) for key, value in dummy_inputs.items()}
+    if "input_ids" in inputs and "attention_mask" in inspect.signature(model.forward).parameters:
+        # the dummy ids hold zeros, often the pad id: without a mask transformers would warn about padding
+        inputs.setdefault("attention_mask", torch.ones_like(inputs["input_ids"]))
     try:
         model.eval()
         with torch.enable_grad():
-            outputs = model(**{key: value.to(device) for key, value in dummy_inputs.items()})
+            outputs = model(**inputs)
     except Exception:  # a model whose dummy inputs do not fit its forward: nothing is known
         return None
     finally:

@@ -391,3 +391,14 @@ def test_unused_trainable_parameters_are_unknown_when_their_use_varies(field, va
     assert unused_trainable_parameters(model) == []
     setattr(model.config, field, value)  # other layers dropped, or other experts routed to, at each step
     assert unused_trainable_parameters(model) is None
+
+
+def test_unused_trainable_parameters_pass_an_attention_mask():
+    """The dummy ids hold the pad id 0 (as a tokenizer's pad token often is): with no mask, transformers warns."""
+    from unittest import mock
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, pad_token_id=0))
+    with mock.patch.object(type(model.transformer), "warn_if_padding_and_no_attention_mask") as check:
+        assert unused_trainable_parameters(model) == []
+    check.assert_called_once()
+    assert check.call_args.args[1] is not None, "no attention mask was passed"
