@@ -308,22 +308,29 @@ def train_sft_and_save_state(output_dir: str, mode: str) -> None:
     save_rank_state(trainer.model, output_dir)
 
 
-def run_ddp_worker(output_dir, batch_size: int, mode: str) -> tuple[dict, dict]:
-    """`tests/ddp_train.py` under `accelerate launch` with 2 CPU processes (DDP, gloo); their final state dicts."""
+def two_cpu_processes() -> tuple[list[str], dict]:
+    """The command prefix of `accelerate launch` with 2 CPU processes (DDP, gloo) on a free port, and its
+    environment (one intra-op thread per process)."""
     import os
     import socket
-    import subprocess
     import sys
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = [
+    launcher = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        str(Path(__file__).parent / "ddp_train.py"), str(output_dir), str(batch_size), mode,
     ]  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    return launcher, {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+
+def run_ddp_worker(output_dir, batch_size: int, mode: str) -> tuple[dict, dict]:
+    """`tests/ddp_train.py` under `accelerate launch` with 2 CPU processes (DDP, gloo); their final state dicts."""
+    import subprocess
+
+    launcher, env = two_cpu_processes()
+    command = [*launcher, str(Path(__file__).parent / "ddp_train.py"), str(output_dir), str(batch_size), mode]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     # SDTTrainer sets DDP's find_unused_parameters from the model: no warning that it was needlessly on, and none

@@ -72,17 +72,9 @@ def test_train_then_summary_through_the_console_script(tmp_path):
 
 @pytest.mark.slow
 def test_train_under_two_cpu_processes(tmp_path):
-    import os
-    import socket
+    from sdt_helpers import two_cpu_processes
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    launcher = (
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-    )  # fmt: skip
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    launcher, env = two_cpu_processes()
     out = tmp_path / "ddp"
     run_cli("-m", "hf_sdt.cli", "train", TINY, "--output_dir", str(out), launcher=launcher, env=env)
     summary = run_cli(sys.executable, "-m", "hf_sdt.cli", "summary", str(out))
