@@ -43,6 +43,7 @@ SMOKE_FLAGS = [
     "--max_steps", "6", "--warmup_steps", "0", "--train_files", "hf_sdt/data/persuasion_excerpt.txt",
 ]  # fmt: skip
 DEFAULT_VARIANTS = [
+    ("SDT, density planned", ""),
     ("SDT", "--density 0.1"),
     ("SDT, output layer untied and targeted", "--density 0.1 --untie --target_modules c_attn c_proj c_fc lm_head"),
 ]
@@ -130,28 +131,30 @@ def compute_shares(row: dict, dense: dict) -> tuple[float, float]:
     return mean(row, "sdt/train_flops_ratio"), counter
 
 
-def format_table(rows: list[dict], header: str) -> list[str]:
+def format_table(rows: list[dict], header: str, eval_text: str) -> list[str]:
     dense, seeds = rows[0], len(rows[0]["runs"])
     lines = [
         header,
         "",
-        f"Eval loss (held-out Persuasion): mean over {seeds} seed(s){' (each in brackets)' if seeds > 1 else ''}; "
+        f"Eval loss (held-out {eval_text}): mean over {seeds} seed(s){' (each in brackets)' if seeds > 1 else ''}; "
         "compute is the whole model's training FLOPs vs the dense run, by the receipt's formula and by "
         "FlopCounterMode; wall time vs the dense run's, every run under FlopCounterMode.",
         "",
-        "| run | steps | eval loss | gap to dense | compute (receipt) | compute (FlopCounterMode) | wall time |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| run | steps | final density | eval loss | gap to dense | compute (receipt) | compute (FlopCounterMode) | "
+        "wall time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     dense_loss = mean(dense, "eval_loss")
     for row in rows:
         if row.get("infeasible"):
-            lines.append(f"| {row['name']} | | not run: {row['infeasible']} | | | | |")
+            lines.append(f"| {row['name']} | | | not run: {row['infeasible']} | | | | |")
             continue
         loss = mean(row, "eval_loss")
         per_seed = " (" + ", ".join(f"{run['eval_loss']:.4f}" for run in row["runs"]) + ")" if seeds > 1 else ""
         receipt, counter = compute_shares(row, dense)
+        density = 1.0 if row["dense"] else mean(row, "sdt/density")
         lines.append(
-            f"| {row['name']} | {row['runs'][0]['max_steps']} | {loss:.4f}{per_seed} | "
+            f"| {row['name']} | {row['runs'][0]['max_steps']} | {density:.3f} | {loss:.4f}{per_seed} | "
             f"{100 * (loss / dense_loss - 1):+.2f}% | {receipt:.1%} | {counter:.1%} | "
             f"{mean(row, 'train_runtime') / mean(dense, 'train_runtime'):.2f} |"
         )
@@ -202,19 +205,21 @@ def main() -> None:
     parser.add_argument(
         "--variant", nargs=2, action="append", metavar=("NAME", "FLAGS"),
         help="an SDT row at every budget, e.g. 'SDT 0.2' '--density 0.2' (repeatable; '--untie' unties the output "
-        "layer); default: density 0.1, and density 0.1 with the output layer untied and targeted",
+        "layer; without '--density' the planner chooses it); default: the planned density, density 0.1, and "
+        "density 0.1 with the output layer untied and targeted",
     )  # fmt: skip
     parser.add_argument("--no_baselines", action="store_true", help="only the dense and the SDT rows")
     parser.add_argument("--output", help="write the table here (and .json / .png twins)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model for a few steps: checks the script")
     args, extra = parser.parse_known_args()
     if args.smoke:
-        args.n_embd, args.budgets = 32, [0.5]
+        args.n_embd, args.budgets = 32, [0.6]
         extra = [*SMOKE_FLAGS, *extra]
     common = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", *extra]
     parsed = parse_train_args(demo_argv("unused", common, dense=True))
     args.vocab, args.batch = parsed[0].tokenizer_vocab_size, parsed[2].per_device_train_batch_size
     args.length, steps, warmup = parsed[1].max_seq_length, parsed[2].max_steps, parsed[2].warmup_steps
+    eval_text = ", ".join(os.path.basename(path) for path in parsed[1].validation_files)
     width = ["--model_config", json.dumps(model_config(args.n_embd))]
     variants = [(name, shlex.split(flags)) for name, flags in args.variant or DEFAULT_VARIANTS]
     with tempfile.TemporaryDirectory() as folder:
@@ -242,7 +247,7 @@ def main() -> None:
         f"{datetime.date.today()} | {os.cpu_count()} CPUs | torch {torch.__version__} | `hf-sdt demo` setting, "
         f"n_embd {args.n_embd}, {steps} steps {shlex.join(extra)}"
     ).rstrip()
-    finish_report(format_table(rows, header), args.output)
+    finish_report(format_table(rows, header, eval_text), args.output)
     if args.output:
         stem = os.path.splitext(args.output)[0]
         with open(stem + ".json", "w", encoding="utf-8") as handle:

@@ -41,6 +41,44 @@ def planned_receipt(config: SDTConfig, total_steps: int, targeted_share: float, 
     return (sum(per_step) + captures * targeted_share / 3) / total_steps
 
 
+def plan_density(config: SDTConfig, total_steps: int, targeted_share: float, step_cost=None) -> float:
+    """The highest final density whose run can keep `planned_receipt` (with `step_cost`) within
+    `config.compute_budget`, for a config that leaves `density` to the planner: the budget buys as many active blocks
+    as it can, and `plan_schedule_end` then spends what is left on the prune from dense. A `ValueError` names the
+    lowest budget when even the lowest density (one block per layer, as `step_cost` prices it) does not fit.
+
+    Example:
+        >>> config = SDTConfig(compute_budget=0.3)
+        >>> round(plan_density(config, 1000, targeted_share=0.9), 3)
+        0.219
+    """
+
+    def lowest_receipt(density: float) -> float:
+        pruned_at_once = dataclasses.replace(config, density=density, schedule_end=0.0)
+        return planned_receipt(pruned_at_once, total_steps, targeted_share, step_cost)
+
+    low, high = 1e-6, 1.0
+    if lowest_receipt(high) <= config.compute_budget:
+        return high
+    _check_feasible(config, total_steps, targeted_share, low, lowest_receipt(low))
+    for _ in range(30):  # the receipt grows with the density
+        middle = (low + high) / 2
+        low, high = (middle, high) if lowest_receipt(middle) <= config.compute_budget else (low, middle)
+    return low
+
+
+def _check_feasible(config: SDTConfig, total_steps: int, targeted_share: float, density: float, lowest: float) -> None:
+    if lowest > config.compute_budget:
+        at = "even at the lowest density (one block per layer)" if config.plans_density else f"at density {density}"
+        raise ValueError(
+            f"SDTConfig.compute_budget={config.compute_budget} cannot be met {at} over {total_steps} steps: the "
+            f"lowest receipt is {lowest:.4f} (the layers SDT leaves dense take {1 - targeted_share:.1%} of a dense "
+            f"step, each gradient-growth update adds a dense weight gradient). Raise the budget to at least "
+            f"{lowest:.4f}, {'use smaller blocks' if config.plans_density else 'lower the density'}, target more "
+            "layers or use grow_criterion='random'."
+        )
+
+
 def plan_schedule_end(config: SDTConfig, total_steps: int, targeted_share: float, step_cost=None) -> float:
     """The latest `schedule_end` (a fraction of the steps) at which the cubic prune from dense to `config.density`
     keeps `planned_receipt` (with `step_cost`) within `config.compute_budget`; a `ValueError` names the lowest
@@ -57,14 +95,7 @@ def plan_schedule_end(config: SDTConfig, total_steps: int, targeted_share: float
         return planned_receipt(dataclasses.replace(config, schedule_end=end), total_steps, targeted_share, step_cost)
 
     budget = config.compute_budget
-    lowest = receipt(0.0)
-    if lowest > budget:
-        raise ValueError(
-            f"SDTConfig.compute_budget={budget} cannot be met at density {config.density} over {total_steps} "
-            f"steps: the lowest receipt is {lowest:.4f} (the layers SDT leaves dense take {1 - targeted_share:.1%} "
-            "of a dense step, each gradient-growth update adds a dense weight gradient). Raise the budget to at "
-            f"least {lowest:.4f}, lower the density, target more layers or use grow_criterion='random'."
-        )
+    _check_feasible(config, total_steps, targeted_share, config.density, receipt(0.0))
     low, high = 0.0, 1.0
     if receipt(high) <= budget:
         return high

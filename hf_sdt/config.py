@@ -60,7 +60,8 @@ class SDTConfig:
         density (`float`, defaults to 0.25 in weights mode and 0.05 in updates mode):
             Fraction of active blocks, in (0, 1]: in weights mode the final fraction of the weights kept, in updates
             mode the fraction of each targeted layer's weights that is trained. With the uniform distribution each
-            layer has exactly `max(1, round(density * n_blocks))` active blocks.
+            layer has exactly `max(1, round(density * n_blocks))` active blocks. With `compute_budget` and no
+            `density`, the controller chooses it on the first step (see `compute_budget`).
         block_size (`int` or `tuple[int, int]`, defaults to 64):
             Block shape (rows, cols) in the (out, in) weight layout; an int means square blocks. Larger blocks run
             faster, smaller blocks lose less quality; 64 is a good compromise on GPUs and CPUs alike.
@@ -122,6 +123,14 @@ class SDTConfig:
             weights move, so each must move further than in full fine-tuning, and the fewer they are (the lower the
             density) the further: the default grows as 1 / sqrt(density). It is saved with the adapter. Ignored in
             weights mode (None there).
+        compute_budget (`float`, *optional*):
+            Weights mode: the share of the dense model's whole-model training FLOPs (the compute receipt,
+            `sdt/train_flops_ratio`) the run may spend, in (0, 1]. On the first step the controller measures what
+            the targeted layers take of a dense step and plans the schedule: cubic from dense at step 0 to `density`,
+            ending at the latest step that keeps the receipt at the end within the budget. Without `density` it
+            first chooses the highest density the budget affords (then the prune is over within a step or two). A
+            budget that cannot be met is an error that names the lowest one. The plan is saved with the controller's
+            state and written into `model.config.sdt_config`.
 
     Example:
     >>> from hf_sdt import SDTConfig
@@ -151,7 +160,7 @@ class SDTConfig:
         default=None,
         metadata={
             "help": "Fraction of active blocks per targeted layer, in (0, 1] (default 0.25 in weights mode, 0.05 "
-            "in updates mode)."
+            "in updates mode; with compute_budget, chosen by the planner when unset)."
         },
     )
     block_size: int | tuple[int, int] = field(
@@ -223,7 +232,8 @@ class SDTConfig:
         metadata={
             "help": "Weights mode: the share of the dense model's whole-model training FLOPs the run may spend, in "
             "(0, 1] (e.g. 0.15). The controller then plans the schedule (cubic from dense at step 0 to `density`, "
-            "ending as late as the budget allows) so that the compute receipt ends at most at the budget."
+            "ending as late as the budget allows) so that the compute receipt ends at most at the budget; without "
+            "`density`, it chooses the highest density the budget affords."
         },
     )
 
@@ -240,11 +250,16 @@ class SDTConfig:
                 "model, 'weights' to train a sparse one."
             )
         for name, value in MODE_DEFAULTS[self.mode].items():
-            if getattr(self, name) is None:
+            if getattr(self, name) is None and not (name == "density" and self.plans_density):
                 setattr(self, name, value)
         if self.mode == "updates" and self.update_scale is None and _is_number(self.density) and self.density > 0:
             self.update_scale = math.sqrt(UPDATE_SCALE_DENSITY / self.density)
         self.validate()
+
+    @property
+    def plans_density(self) -> bool:
+        """Whether the controller chooses the density (weights mode with `compute_budget` and no `density`)."""
+        return self.mode == "weights" and self.compute_budget is not None and self.density is None
 
     @property
     def fixed_block_counts(self) -> bool:
@@ -258,13 +273,14 @@ class SDTConfig:
 
     def validate(self) -> None:
         """Raise a `ValueError` that names the field when a value is out of range."""
-        if not _is_number(self.density):
-            raise ValueError(f"SDTConfig.density must be a number in (0, 1], got {self.density!r}.")
-        if not 0 < self.density <= 1:
-            raise ValueError(
-                f"SDTConfig.density must be in (0, 1] (the fraction of active blocks), got {self.density}. "
-                "Use e.g. density=0.25 to keep a quarter of the blocks."
-            )
+        if not self.plans_density:  # else the controller chooses it
+            if not _is_number(self.density):
+                raise ValueError(f"SDTConfig.density must be a number in (0, 1], got {self.density!r}.")
+            if not 0 < self.density <= 1:
+                raise ValueError(
+                    f"SDTConfig.density must be in (0, 1] (the fraction of active blocks), got {self.density}. "
+                    "Use e.g. density=0.25 to keep a quarter of the blocks."
+                )
         rows, cols = _as_pair(self.block_size)
         for value in (rows, cols):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -281,7 +297,7 @@ class SDTConfig:
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"SDTConfig.{name} must be one of {choices}, got {getattr(self, name)!r}.")
-        if self.mode == "weights" and not self.density <= self.initial_density <= 1:
+        if self.mode == "weights" and not self.plans_density and not self.density <= self.initial_density <= 1:
             raise ValueError(
                 f"SDTConfig.initial_density must be in [density, 1] = [{self.density}, 1], got {self.initial_density}"
                 ": the schedule only prunes. Use 1.0 to start dense or the density itself to start sparse."

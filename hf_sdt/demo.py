@@ -34,8 +34,9 @@ DEFAULTS = {
     "report_to": "none",
     "use_cpu": True,
     "seed": 0,
-    # SDT: start dense, prune to a quarter of the 64 x 64 blocks by mid-training, drop/grow every 25 steps until 75%.
-    "density": 0.25,
+    # SDT: 30% of the dense run's whole-model training FLOPs; the planner chooses the density (the highest this
+    # budget affords, in 64 x 64 blocks) and prunes to it from dense at once; drop/grow every 25 steps until 75%.
+    "compute_budget": 0.3,
     "update_interval": 25,
 }
 
@@ -75,7 +76,7 @@ def demo_parser() -> argparse.ArgumentParser:
         description="The main job: a small GPT trained from scratch on Pride and Prejudice, dense and with SDT on "
         "the same data, steps and seed (a few minutes on a 2-core CPU), then a table of what each run measured.",
         epilog="Any flag of `hf-sdt train` (see `hf-sdt train --help`) overrides the demo's defaults in both runs, "
-        "e.g. `hf-sdt demo --max_steps 20 --density 0.1`.",
+        "e.g. `hf-sdt demo --max_steps 20 --block_size 32`.",
     )
     parser.add_argument(
         "--output_dir", default="sdt-demo", help="gets dense/, sdt/ and results.md (default: %(default)s)"
@@ -84,7 +85,13 @@ def demo_parser() -> argparse.ArgumentParser:
         "--max_steps", type=int, default=DEFAULTS["max_steps"], help="steps of each run (default: %(default)s)"
     )
     parser.add_argument(
-        "--density", type=float, default=DEFAULTS["density"], help="SDT's final density (default: %(default)s)"
+        "--compute_budget",
+        type=float,
+        default=DEFAULTS["compute_budget"],
+        help="SDT's share of the dense run's whole-model training FLOPs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--density", type=float, help="SDT's final density (default: the highest the compute budget affords)"
     )
     return parser
 
@@ -94,7 +101,8 @@ def main(argv: list[str] | None = None) -> str:
     `results.md`. Returns the table. `--help` prints the demo's options and starts nothing."""
     options, argv = demo_parser().parse_known_args(list(argv or []))
     output_dir = options.output_dir
-    argv = ["--max_steps", str(options.max_steps), "--density", str(options.density), *argv]
+    density = [] if options.density is None else ["--density", str(options.density)]
+    argv = ["--max_steps", str(options.max_steps), "--compute_budget", str(options.compute_budget), *density, *argv]
     results = {}
     for name in ("dense", "sdt"):
         print(f"\n=== {name} run ===", flush=True)

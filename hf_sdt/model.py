@@ -53,8 +53,9 @@ class UncontrolledTrainingWarning:
         config = self.config
         if config.mode == "updates":
             missed = "the trainable blocks stay the random ones they started as: no gradient selection, no drop/grow"
-        elif config.schedule != "constant" and config.initial_density > config.density:
-            missed = f"the density stays at {config.initial_density} and nothing is pruned towards {config.density}"
+        elif config.plans_density or (config.schedule != "constant" and config.initial_density > config.density):
+            goal = "the density the compute budget plans" if config.plans_density else config.density
+            missed = f"the density stays at {config.initial_density} and nothing is pruned towards {goal}"
         else:
             missed = "the active blocks never move: no drop/grow"
         warnings.warn(
@@ -116,7 +117,7 @@ def get_sdt_model(
     weights = [layer.weight if isinstance(layer, nn.Linear) else layer.weight.t() for layer in layers]  # (out, in)
     shapes = [tuple(weight.shape) for weight in weights]
     counts = None  # blocks per layer at the final density: fixed, except with the global distribution
-    if config.distribution != "global":
+    if config.distribution != "global" and not config.plans_density:  # planned: dense until the first step
         counts = target_block_counts(shapes, block, config.density, config.distribution)
         if masks is None and block_ids is None:  # a saved model being loaded warned when it was converted
             _check_some_layer_is_sparse(targets, shapes, config, counts)

@@ -28,7 +28,10 @@ def density_at(step: int, total_steps: int, config: SDTConfig) -> float:
 
 
 def initial_density(config: SDTConfig) -> float:
-    """Density of the mask `get_sdt_model` builds: the schedule's value at step 0."""
+    """Density of the mask `get_sdt_model` builds: the schedule's value at step 0 (dense, when the compute budget
+    plans the density: the planned schedule prunes from dense)."""
+    if config.plans_density:
+        return config.initial_density
     return density_at(0, 1, config)
 
 

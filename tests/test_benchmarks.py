@@ -22,7 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
         ("bench_finetune.py", {}, ["gap to full", "trainable state", "lora (density 0.25)"]),
         ("bench_decode.py", {}, ["tokens/s", "| SDT 0.1 | 8 |"]),
         ("bench_train_step.py", {}, ["| SDT 0.1 |", "SDT-layer state"]),
-        ("bench_pretrain.py", {}, ["compute (FlopCounterMode)", "dense, 50% of the steps | 3 |", "not run: SDTConf"]),
+        (
+            "bench_pretrain.py",
+            {},
+            [
+                "compute (FlopCounterMode)",
+                "dense, 60% of the steps | 4 |",
+                "not run: SDTConf",
+                "SDT, density planned, compute_budget 0.6 | 6 |",
+            ],
+        ),
     ],
 )
 def test_benchmark_smoke_mode_writes_its_report(tmp_path, script, env, expected):

@@ -6,7 +6,8 @@ import torch
 from test_compute import gpt2, training_loss
 
 from hf_sdt import SDTConfig, SDTController, get_sdt_model
-from hf_sdt.budget import plan_schedule_end, planned_receipt
+from hf_sdt.budget import plan_density, plan_schedule_end, planned_receipt
+from hf_sdt.model import sdt_layers
 from hf_sdt.schedule import density_at
 
 
@@ -36,6 +37,29 @@ def test_a_budget_that_cannot_be_met_names_the_lowest_one():
         plan_schedule_end(config, 100, targeted_share=0.8)
 
 
+@pytest.mark.parametrize("steps", [50, 1000])
+@pytest.mark.parametrize("budget", [0.2, 0.45])
+def test_planned_density_is_the_highest_the_budget_affords(steps, budget):
+    config = SDTConfig(compute_budget=budget, update_interval=10)
+    density = plan_density(config, steps, targeted_share=0.9)
+    planned = dataclasses.replace(config, density=density)
+    end = plan_schedule_end(planned, steps, targeted_share=0.9)
+    assert planned_receipt(dataclasses.replace(planned, schedule_end=end), steps, 0.9) <= budget
+    higher = dataclasses.replace(config, density=density * 1.01)
+    with pytest.raises(ValueError, match="cannot be met at density"):
+        plan_schedule_end(higher, steps, targeted_share=0.9)
+
+
+def test_planned_density_counts_the_blocks_each_layer_keeps():
+    """Priced by block counts (at least one block per layer), a budget below one block per layer is refused, and a
+    budget that affords all of them gives density 1."""
+    config = SDTConfig(compute_budget=0.2)
+    one_block_of_four = lambda density: max(1, round(4 * density)) / 4  # noqa: E731
+    with pytest.raises(ValueError, match=r"even at the lowest density \(one block per layer\).*least 0\.406"):
+        plan_density(config, 100, targeted_share=0.8, step_cost=one_block_of_four)
+    assert plan_density(dataclasses.replace(config, compute_budget=1.0), 100, 0.8) == 1.0
+
+
 @pytest.mark.parametrize(
     "fields,match",
     [
@@ -52,6 +76,21 @@ def test_compute_budget_config_errors(fields, match):
         SDTConfig(**fields)
 
 
+def test_a_budget_without_a_density_leaves_it_to_the_planner():
+    config = SDTConfig(compute_budget=0.2)
+    assert config.plans_density and config.density is None
+    assert SDTConfig.from_dict(config.to_dict()) == config
+    assert not SDTConfig(compute_budget=0.2, density=0.1).plans_density
+    assert SDTConfig().density == 0.25, "without a budget the mode's default stays"
+    with pytest.raises(ValueError, match="density must be a number"):
+        SDTConfig(density="0.1", compute_budget=0.2)
+    torch.manual_seed(0)
+    model = get_sdt_model(gpt2(tied=False), config)
+    assert all(layer.sdt_mask.all() for layer in sdt_layers(model).values()), "the planned prune starts dense"
+    with pytest.warns(UserWarning, match="nothing is pruned towards the density the compute budget plans"):
+        training_loss(model).backward()
+
+
 def run(controller, model, steps, optimizer):
     for step in steps:
         controller.begin_step(step)
@@ -62,10 +101,12 @@ def run(controller, model, steps, optimizer):
         controller.after_optimizer_step()
 
 
-def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path):
+@pytest.mark.parametrize("density", [0.25, None])
+def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path, density):
     """A run with a budget ends with its receipt at most at the budget and within a step's worth of it; resumed
-    midway, it continues on the same plan, identically."""
-    config = SDTConfig(density=0.25, block_size=16, compute_budget=0.45, update_interval=10)
+    midway, it continues on the same plan, identically. Without a density the controller plans it too, and the
+    model's stored config (what a checkpoint saves) says which."""
+    config = SDTConfig(density=density, block_size=16, compute_budget=0.45, update_interval=10)
 
     def fresh():
         torch.manual_seed(0)
@@ -74,15 +115,26 @@ def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path):
 
     model, controller, optimizer = fresh()
     run(controller, model, range(40), optimizer)
-    assert 0 < controller.planned_schedule_end < 1
+    end = controller.planned_schedule_end
+    assert (0 < end < 1) if density else (end <= 2 / 40), "the highest density the budget affords is reached at once"
     assert 0.44 < controller.metrics()["sdt/train_flops_ratio"] <= 0.45
+    planned = controller.planned_density
+    assert (planned is None) if density else (0 < planned < 1)
+    assert model.config.sdt_config["density"] == (density or planned)
+    assert model.config.sdt_config["schedule_end"] == controller.planned_schedule_end
+    metrics = controller.metrics()
+    assert metrics["sdt/density"] == pytest.approx(density or planned, abs=0.05)
+    assert (metrics["sdt/planned_density"], metrics["sdt/planned_schedule_end"]) == (
+        density or planned,
+        controller.planned_schedule_end,
+    )
 
     resumed_model, first, resumed_optimizer = fresh()
     run(first, resumed_model, range(15), resumed_optimizer)
     state = first.state_dict()
     second = SDTController(resumed_model, config, total_steps=40)
     second.load_state_dict(state)
-    assert second.config.schedule_end == controller.planned_schedule_end
+    assert (second.config.schedule_end, second.config.density) == (controller.planned_schedule_end, density or planned)
     run(second, resumed_model, range(15, 40), resumed_optimizer)
     for (name, expected), actual in zip(model.state_dict().items(), resumed_model.state_dict().values(), strict=True):
         torch.testing.assert_close(actual, expected, msg=name)

@@ -18,7 +18,7 @@ def test_demo_code_path_reports_the_runs_own_metrics(tmp_path, monkeypatch):
     tiny_gpt = '{"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}'
     overrides = [
         *("--max_steps", "4", "--model_config", tiny_gpt, "--max_seq_length", "32", "--tokenizer_vocab_size", "300"),
-        *("--update_interval", "2", "--block_size", "16", "--logging_steps", "2"),
+        *("--update_interval", "2", "--block_size", "16", "--logging_steps", "2", "--compute_budget", "0.8"),
         *("--train_files", "hf_sdt/data/persuasion_excerpt.txt"),
     ]
     table = demo.main(["--output_dir", str(tmp_path), *overrides])
@@ -39,4 +39,5 @@ def test_demo_help_shows_its_options_and_starts_nothing(capsys, monkeypatch):
         demo.main(["--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and "usage: hf-sdt demo" in out and "--max_steps" in out and "--output_dir" in out
+    assert "--compute_budget" in out
     assert "=== dense run ===" not in out

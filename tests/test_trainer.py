@@ -373,10 +373,12 @@ def test_updates_mode_learns_a_tiny_classification_task_at_the_documented_rate(t
     assert accuracy >= 0.7, f"updates mode learned too little: {accuracy:.1%} (chance 50%)"
 
 
-def test_sdt_trainer_spends_at_most_its_compute_budget(tmp_path, force_blocked_path):
+@pytest.mark.parametrize("density", [0.25, None])
+def test_sdt_trainer_spends_at_most_its_compute_budget(tmp_path, force_blocked_path, density):
     """`SDTConfig(compute_budget=...)` under SDTTrainer (gradient accumulation: a step is two micro-batches): the
-    logged receipt ends at most at the budget, and close to it."""
-    config = make_config(compute_budget=0.5, schedule_end=0.5)
+    logged receipt ends at most at the budget, and close to it. Without a density, the planned one is what the saved
+    model says and loads with."""
+    config = make_config(compute_budget=0.5, schedule_end=0.5, density=density)
     trainer = SDTTrainer(
         model=tiny_gpt2(),
         args=training_args(tmp_path, max_steps=20, gradient_accumulation_steps=2),
@@ -386,7 +388,14 @@ def test_sdt_trainer_spends_at_most_its_compute_budget(tmp_path, force_blocked_p
     trainer.train()
     receipt = [entry["sdt/train_flops_ratio"] for entry in trainer.state.log_history if "sdt/density" in entry]
     assert 0.48 < receipt[-1] <= 0.5
-    assert trainer.sdt_callback.controller.planned_schedule_end < 0.5
+    controller = trainer.sdt_callback.controller
+    assert controller.planned_schedule_end < 0.5
+    if density is None:
+        trainer.save_model(tmp_path / "saved")
+        loaded = hf_sdt.from_pretrained(tmp_path / "saved")
+        assert loaded.config.sdt_config["density"] == controller.planned_density
+        for name, value in trainer.model.state_dict().items():
+            torch.testing.assert_close(loaded.state_dict()[name], value, msg=name)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..budget import plan_schedule_end
+from ..budget import plan_density, plan_schedule_end
 from ..config import SDTConfig
 from ..layer import SDTCompactLinear, SDTLinear
 from ..masks import block_element_counts
@@ -48,7 +48,10 @@ class WeightsController(SDTController):
         # Kept on the host so that a regular step never reads a mask back from the GPU.
         self._active_counts = [int(layer.sdt_mask.sum()) for layer in self.layers.values()]
         self._flops_ratio = self._step_flops_ratio = self._linear_flops()
-        self.planned_schedule_end: float | None = None  # set on the first step with a compute budget
+        # Set on the first step with a compute budget, and written into the model's stored config, which is saved.
+        self.planned_schedule_end: float | None = None
+        self.planned_density: float | None = None
+        self._model_config = getattr(model, "config", None)
 
     def begin_step(self, step: int) -> None:
         """Set the step about to run and whether its backward must hand over the dense weight gradients."""
@@ -88,10 +91,19 @@ class WeightsController(SDTController):
         self.dense_grads.clear()
         self.total_seconds += time.perf_counter() - start
 
+    def metrics(self) -> dict[str, float]:
+        """The shared metrics, and with a compute budget what its planner chose: the end of the prune and the final
+        density (`sdt/planned_schedule_end`, `sdt/planned_density`; planned or given)."""
+        if self.planned_schedule_end is None:
+            return super().metrics()
+        plan = {"sdt/planned_schedule_end": self.planned_schedule_end, "sdt/planned_density": self.config.density}
+        return {**super().metrics(), **plan}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "planned_schedule_end": self.planned_schedule_end,
+            "planned_density": self.planned_density,
             "taylor": {name: value.cpu() for name, value in self.taylor.items()},
             "input_sq_norm": {name: _saved_sum(value) for name, value in self.input_sq_norms.items()},
         }
@@ -100,7 +112,7 @@ class WeightsController(SDTController):
         self._check_layer_names(set(state["taylor"]) | set(state["input_sq_norm"]))
         super().load_state_dict(state)
         if state.get("planned_schedule_end") is not None:
-            self._use_plan(state["planned_schedule_end"])
+            self._use_plan(state["planned_schedule_end"], state.get("planned_density"))
         self.taylor = {name: value.to(self.layers[name].sdt_mask.device) for name, value in state["taylor"].items()}
         self.input_sq_norms = {
             name: _restored_share(value, self.layers[name].sdt_mask.device)
@@ -132,8 +144,14 @@ class WeightsController(SDTController):
                 "first step eagerly."
             )
         share = float(_rank_zero_decision(torch.tensor([share], dtype=torch.float64, device=self._device())))
-        end = plan_schedule_end(self.config, self.total_steps, share, self._step_costs())
-        self._use_plan(float(_rank_zero_decision(torch.tensor([end], dtype=torch.float64, device=self._device()))))
+        step_costs = self._step_costs()
+        config = self.config
+        if config.plans_density:
+            config = dataclasses.replace(config, density=plan_density(config, self.total_steps, share, step_costs))
+        end = plan_schedule_end(config, self.total_steps, share, step_costs)
+        plan = torch.tensor([end, config.density], dtype=torch.float64, device=self._device())
+        end, density = _rank_zero_decision(plan).tolist()
+        self._use_plan(end, density if self.config.plans_density else None)
 
     def _step_costs(self):
         """density -> what this step's forwards and backwards of the targeted layers (as the first step ran them)
@@ -157,9 +175,14 @@ class WeightsController(SDTController):
 
         return step_cost
 
-    def _use_plan(self, schedule_end: float) -> None:
-        self.planned_schedule_end = schedule_end
-        self.config = dataclasses.replace(self.config, schedule_end=schedule_end)
+    def _use_plan(self, schedule_end: float, density: float | None) -> None:
+        """Run on the planned schedule (and the planned density, when the config leaves it to the planner)."""
+        self.planned_schedule_end, self.planned_density = schedule_end, density
+        plan = {"schedule_end": schedule_end, **({} if density is None else {"density": density})}
+        self.config = dataclasses.replace(self.config, **plan)
+        stored = getattr(self._model_config, "sdt_config", None)
+        if isinstance(stored, dict):
+            stored.update(plan)
 
     def _device(self) -> torch.device:
         return next(iter(self.layers.values())).sdt_mask.device
