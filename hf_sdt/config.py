@@ -128,7 +128,7 @@ class SDTConfig:
             `sdt/train_flops_ratio`) the run may spend, in (0, 1]. On the first step the controller measures what
             the targeted layers take of a dense step and plans the schedule: cubic from dense at step 0 to `density`,
             ending at the latest step that keeps the receipt at the end within the budget. Without `density` it
-            first chooses the highest density the budget affords (then the prune is over within a step or two). A
+            first chooses the highest density the budget affords (which leaves little for the prune: it ends early). A
             budget that cannot be met is an error that names the lowest one. The plan is saved with the controller's
             state and written into `model.config.sdt_config`.
 

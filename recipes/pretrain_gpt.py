@@ -1,10 +1,12 @@
-"""Pre-train a small GPT from scratch with Sparse-Dynamic Training (sparse from the first step).
+"""Pre-train a small GPT from scratch with Sparse-Dynamic Training at a compute budget.
 
-Defaults to recipes/configs/demo.yaml with `schedule=constant` (the from-scratch setting: density 0.25 at every
-step, drop/grow updates choosing the pathways); any flag of `hf-sdt train` overrides it.
+Defaults to recipes/configs/demo.yaml: 30% of the dense run's whole-model training FLOPs (`compute_budget: 0.3`) at
+the highest density that budget affords, which the planner chooses on the first step (docs/training.md, "A compute
+budget"); drop/grow updates choose the pathways. Any flag of `hf-sdt train` overrides it.
 
     python recipes/pretrain_gpt.py
-    python recipes/pretrain_gpt.py --max_steps 1000 --density 0.1 --distribution erk
+    python recipes/pretrain_gpt.py --max_steps 1000 --compute_budget 0.15 --block_size 32
+    python recipes/pretrain_gpt.py --max_steps 1000 --density 0.1   # the planner fits the schedule to this density
     accelerate launch --config_file recipes/accelerate/single_gpu.yaml recipes/pretrain_gpt.py --use_cpu false
 """
 
@@ -16,4 +18,4 @@ from hf_sdt.cli import main
 CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
 if __name__ == "__main__":
-    main(["train", str(CONFIG), "--schedule", "constant", "--output_dir", "out/pretrain-gpt-sdt", *sys.argv[1:]])
+    main(["train", str(CONFIG), "--output_dir", "out/pretrain-gpt-sdt", *sys.argv[1:]])

@@ -78,8 +78,8 @@ def make_updates_config(**overrides) -> SDTConfig:
 
 def train_and_save_state(output_dir: str, batch_size: int, mode: str = "weights") -> None:
     """Train with SDTTrainer (12 steps, gradient growth or selection; "weights-compact": a constant schedule, so
-    compact storage; "weights-budget": the schedule planned for a compute budget, on the blocked path so that the
-    sparse steps are cheaper), then save this rank's state dict (`save_rank_state`) and its receipt."""
+    compact storage; "weights-budget": the density and schedule planned for a compute budget, on the blocked path so
+    that the sparse steps are cheaper), then save this rank's state dict (`save_rank_state`) and its receipt."""
     from unittest import mock
 
     from hf_sdt.functional import dispatch
@@ -89,7 +89,7 @@ def train_and_save_state(output_dir: str, batch_size: int, mode: str = "weights"
     elif mode == "weights-compact":
         config = make_config(grow_criterion="gradient", schedule="constant", update_interval=3)
     elif mode == "weights-budget":
-        config = make_config(grow_criterion="gradient", update_interval=3, compute_budget=0.7)
+        config = make_config(grow_criterion="gradient", update_interval=3, compute_budget=0.7, density=None)
     else:
         config = make_config(grow_criterion="gradient", schedule_end=0.3, update_interval=3)
     trainer = SDTTrainer(

@@ -198,7 +198,8 @@ def test_trainer_takes_a_converted_model_and_refuses_ambiguity(tmp_path):
 def test_two_processes_agree_with_each_other_and_with_one(tmp_path, mode):
     """2 CPU processes (gloo) through `accelerate launch`, against one process with the same global batch (in
     updates mode only the ranks are compared: its block energies sum per micro-batch, so a different split of the
-    batch may choose other blocks); with a compute budget, both plan the same schedule and spend at most it."""
+    batch may choose other blocks); with a compute budget, both plan the same density and schedule and spend at
+    most it."""
     rank0, rank1 = run_ddp_worker(tmp_path, 4, mode)
     with one_thread():
         train_and_save_state(str(tmp_path), batch_size=8, mode=mode)  # the same global batch in one process
