@@ -135,6 +135,20 @@ def test_card_has_metadata_table_and_pictures(tmp_path):
     assert f'from_pretrained("{tmp_path / "local"}")' in local, "a card without a repo id loads from its own folder"
 
 
+def test_card_says_what_a_compute_budget_planned(tmp_path):
+    """Before the first step the density is the planner's to choose; after it, the card shows the planned one."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=80, n_layer=2, n_head=4, n_positions=32))
+    model = get_sdt_model(model, SDTConfig(block_size=32, compute_budget=0.4))
+    sdt_card.write_model_card(model, tmp_path / "before")
+    assert "cubic 1 -> the density it plans, planned for a compute budget of 0.4;" in (
+        tmp_path / "before" / "README.md"
+    ).read_text()
+    model.config.sdt_config.update(density=0.1234567, schedule_end=0.01)  # as the controller's plan writes it
+    sdt_card.write_model_card(model, tmp_path / "after")
+    assert "cubic 1 -> 0.1235, planned for a compute budget of 0.4;" in (tmp_path / "after" / "README.md").read_text()
+
+
 def test_push_and_load_through_the_hub(hub_server):
     model = odd_sdt_model()
     hub.push_to_hub(model, "test-user/odd-dense", base_model="gpt2", datasets=["austen"])
