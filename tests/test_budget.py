@@ -141,6 +141,21 @@ def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path, de
     assert second.metrics()["sdt/train_flops_ratio"] == controller.metrics()["sdt/train_flops_ratio"]
 
 
+@pytest.mark.parametrize(("saved", "resumed"), [(None, 0.25), (0.25, None)])
+def test_resuming_a_plan_under_the_other_kind_of_config_is_refused(force_blocked_path, saved, resumed):
+    def controller(density):
+        config = SDTConfig(density=density, block_size=16, compute_budget=0.45, update_interval=10)
+        torch.manual_seed(0)
+        model = get_sdt_model(gpt2(tied=False), config)
+        return model, SDTController(model, config, total_steps=40)
+
+    model, first = controller(saved)
+    run(first, model, range(2), torch.optim.SGD(model.parameters(), lr=1e-3))
+    _, second = controller(resumed)
+    with pytest.raises(ValueError, match="Resume with the SDTConfig the run was trained with"):
+        second.load_state_dict(first.state_dict())
+
+
 def test_the_plan_prices_the_products_as_they_run_on_this_device():
     """On a CPU the blocked product pays only at low density (here below about 0.4), and a layer above it runs one
     dense GEMM: the plan counts that, so the receipt still ends within the budget."""

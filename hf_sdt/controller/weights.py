@@ -112,6 +112,7 @@ class WeightsController(SDTController):
         self._check_layer_names(set(state["taylor"]) | set(state["input_sq_norm"]))
         super().load_state_dict(state)
         if state.get("planned_schedule_end") is not None:
+            self._check_same_plan_kind(state.get("planned_density"))
             self._use_plan(state["planned_schedule_end"], state.get("planned_density"))
         self.taylor = {name: value.to(self.layers[name].sdt_mask.device) for name, value in state["taylor"].items()}
         self.input_sq_norms = {
@@ -174,6 +175,19 @@ class WeightsController(SDTController):
             return sum(layer_cost(i, counts[i], *sizes) for i, *sizes in calls) / dense
 
         return step_cost
+
+    def _check_same_plan_kind(self, planned_density: float | None) -> None:
+        """Refuse to resume a plan made for a density given in the config under a config that leaves it to the
+        planner, or the other way round: the run would go on at a density it was not trained for."""
+        if (planned_density is not None) == self.config.plans_density:
+            return
+        planned = planned_density is not None
+        saved = f"chose density {planned_density:.4g}" if planned else "was made for the density of its config"
+        now = f"density={self.config.density}" if planned else "no density"
+        raise ValueError(
+            f"The checkpoint's compute-budget plan {saved}, but this SDTConfig has {now}. Resume with the SDTConfig "
+            "the run was trained with (the checkpoint's config.json holds it under sdt_config)."
+        )
 
     def _use_plan(self, schedule_end: float, density: float | None) -> None:
         """Run on the planned schedule (and the planned density, when the config leaves it to the planner)."""
