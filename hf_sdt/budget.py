@@ -60,16 +60,20 @@ def plan_density(config: SDTConfig, total_steps: int, targeted_share: float, ste
     low, high = 1e-6, 1.0
     if lowest_receipt(high) <= config.compute_budget:
         return high
-    _check_feasible(config, total_steps, targeted_share, low, lowest_receipt(low))
+    _check_feasible(config, total_steps, targeted_share, lowest_receipt(low))
     for _ in range(30):  # the receipt grows with the density
         middle = (low + high) / 2
         low, high = (middle, high) if lowest_receipt(middle) <= config.compute_budget else (low, middle)
     return low
 
 
-def _check_feasible(config: SDTConfig, total_steps: int, targeted_share: float, density: float, lowest: float) -> None:
+def _check_feasible(config: SDTConfig, total_steps: int, targeted_share: float, lowest: float) -> None:
     if lowest > config.compute_budget:
-        at = "even at the lowest density (one block per layer)" if config.plans_density else f"at density {density}"
+        at = (
+            "even at the lowest density (one block per layer)"
+            if config.plans_density
+            else f"at density {config.density}"
+        )
         raise ValueError(
             f"SDTConfig.compute_budget={config.compute_budget} cannot be met {at} over {total_steps} steps: the "
             f"lowest receipt is {lowest:.4f} (the layers SDT leaves dense take {1 - targeted_share:.1%} of a dense "
@@ -95,7 +99,7 @@ def plan_schedule_end(config: SDTConfig, total_steps: int, targeted_share: float
         return planned_receipt(dataclasses.replace(config, schedule_end=end), total_steps, targeted_share, step_cost)
 
     budget = config.compute_budget
-    _check_feasible(config, total_steps, targeted_share, config.density, receipt(0.0))
+    _check_feasible(config, total_steps, targeted_share, receipt(0.0))
     low, high = 0.0, 1.0
     if receipt(high) <= budget:
         return high

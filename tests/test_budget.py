@@ -101,19 +101,24 @@ def run(controller, model, steps, optimizer):
         controller.after_optimizer_step()
 
 
+def budget_config(density):
+    return SDTConfig(density=density, block_size=16, compute_budget=0.45, update_interval=10)
+
+
+def budgeted_run(density):
+    """(model, controller, optimizer) of a 40-step run of the test GPT-2 at compute budget 0.45."""
+    config = budget_config(density)
+    torch.manual_seed(0)
+    model = get_sdt_model(gpt2(tied=False), config)
+    return model, SDTController(model, config, total_steps=40), torch.optim.SGD(model.parameters(), lr=1e-3)
+
+
 @pytest.mark.parametrize("density", [0.25, None])
 def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path, density):
     """A run with a budget ends with its receipt at most at the budget and within a step's worth of it; resumed
     midway, it continues on the same plan, identically. Without a density the controller plans it too, and the
     model's stored config (what a checkpoint saves) says which."""
-    config = SDTConfig(density=density, block_size=16, compute_budget=0.45, update_interval=10)
-
-    def fresh():
-        torch.manual_seed(0)
-        model = get_sdt_model(gpt2(tied=False), config)
-        return model, SDTController(model, config, total_steps=40), torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    model, controller, optimizer = fresh()
+    model, controller, optimizer = budgeted_run(density)
     run(controller, model, range(40), optimizer)
     end = controller.planned_schedule_end
     assert (0 < end < 1) if density else (end <= 2 / 40), "the highest density the budget affords is reached at once"
@@ -129,10 +134,10 @@ def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path, de
         controller.planned_schedule_end,
     )
 
-    resumed_model, first, resumed_optimizer = fresh()
+    resumed_model, first, resumed_optimizer = budgeted_run(density)
     run(first, resumed_model, range(15), resumed_optimizer)
     state = first.state_dict()
-    second = SDTController(resumed_model, config, total_steps=40)
+    second = SDTController(resumed_model, budget_config(density), total_steps=40)
     second.load_state_dict(state)
     assert (second.config.schedule_end, second.config.density) == (controller.planned_schedule_end, density or planned)
     run(second, resumed_model, range(15, 40), resumed_optimizer)
@@ -143,15 +148,9 @@ def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path, de
 
 @pytest.mark.parametrize(("saved", "resumed"), [(None, 0.25), (0.25, None)])
 def test_resuming_a_plan_under_the_other_kind_of_config_is_refused(force_blocked_path, saved, resumed):
-    def controller(density):
-        config = SDTConfig(density=density, block_size=16, compute_budget=0.45, update_interval=10)
-        torch.manual_seed(0)
-        model = get_sdt_model(gpt2(tied=False), config)
-        return model, SDTController(model, config, total_steps=40)
-
-    model, first = controller(saved)
-    run(first, model, range(2), torch.optim.SGD(model.parameters(), lr=1e-3))
-    _, second = controller(resumed)
+    model, first, optimizer = budgeted_run(saved)
+    run(first, model, range(2), optimizer)
+    _, second, _ = budgeted_run(resumed)
     with pytest.raises(ValueError, match="Resume with the SDTConfig the run was trained with"):
         second.load_state_dict(first.state_dict())
 

@@ -141,9 +141,10 @@ def test_card_says_what_a_compute_budget_planned(tmp_path):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=80, n_layer=2, n_head=4, n_positions=32))
     model = get_sdt_model(model, SDTConfig(block_size=32, compute_budget=0.4))
     sdt_card.write_model_card(model, tmp_path / "before")
-    assert "cubic 1 -> the density it plans, planned for a compute budget of 0.4;" in (
-        tmp_path / "before" / "README.md"
-    ).read_text()
+    assert (
+        "cubic 1 -> the density it plans, planned for a compute budget of 0.4;"
+        in (tmp_path / "before" / "README.md").read_text()
+    )
     model.config.sdt_config.update(density=0.1234567, schedule_end=0.01)  # as the controller's plan writes it
     sdt_card.write_model_card(model, tmp_path / "after")
     assert "cubic 1 -> 0.1235, planned for a compute budget of 0.4;" in (tmp_path / "after" / "README.md").read_text()

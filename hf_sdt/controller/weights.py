@@ -179,9 +179,9 @@ class WeightsController(SDTController):
     def _check_same_plan_kind(self, planned_density: float | None) -> None:
         """Refuse to resume a plan made for a density given in the config under a config that leaves it to the
         planner, or the other way round: the run would go on at a density it was not trained for."""
-        if (planned_density is not None) == self.config.plans_density:
-            return
         planned = planned_density is not None
+        if planned == self.config.plans_density:
+            return
         saved = f"chose density {planned_density:.4g}" if planned else "was made for the density of its config"
         now = f"density={self.config.density}" if planned else "no density"
         raise ValueError(
