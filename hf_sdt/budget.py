@@ -74,12 +74,14 @@ def _check_feasible(config: SDTConfig, total_steps: int, targeted_share: float, 
             if config.plans_density
             else f"at density {config.density}"
         )
+        gradient = config.grow_criterion == "gradient"
+        cost = ", each gradient-growth update adds a dense weight gradient" if gradient else ""
+        fixes = ["use smaller blocks" if config.plans_density else "lower the density", "target more layers"]
+        fixes += ["use grow_criterion='random'"] if gradient else []
         raise ValueError(
             f"SDTConfig.compute_budget={config.compute_budget} cannot be met {at} over {total_steps} steps: the "
             f"lowest receipt is {lowest:.4f} (the layers SDT leaves dense take {1 - targeted_share:.1%} of a dense "
-            f"step, each gradient-growth update adds a dense weight gradient). Raise the budget to at least "
-            f"{lowest:.4f}, {'use smaller blocks' if config.plans_density else 'lower the density'}, target more "
-            "layers or use grow_criterion='random'."
+            f"step{cost}). Raise the budget to at least {lowest:.4f}, {', '.join(fixes[:-1])} or {fixes[-1]}."
         )
 
 

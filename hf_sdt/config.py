@@ -106,7 +106,9 @@ class SDTConfig:
             pretrained models).
         grow_criterion (`str`, defaults to `"gradient"`):
             How blocks are grown: `"gradient"` (RigL: largest dense-gradient block norm, computed on update steps
-            only) or `"random"` (SET).
+            only) or `"random"` (SET). In updates mode it also makes the first choice of blocks (random: SHiRA's
+            choice, in blocks, and no dense gradient is taken); in the classification benchmark random blocks did
+            no better than the gradient's (`docs/benchmarks.md`).
         distribution (`str`, defaults to `"uniform"`):
             How the density is spread over layers: `"uniform"` (every layer at `density`: predictable savings),
             `"erk"` (Erdos-Renyi-Kernel: small layers denser, often more accurate but more FLOPs) or `"global"`

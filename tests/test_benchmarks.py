@@ -60,6 +60,16 @@ def test_quality_report_json_is_plotted_and_reused_as_baseline(tmp_path):
     assert rerun[0]["name"] == "dense (from quality.json)" and rerun[0]["runs"] == runs[0]["runs"]
 
 
+def test_a_wider_pretraining_variant_gets_the_tables_budget_in_its_own_dense_models_terms(tmp_path):
+    output = tmp_path / "wider.md"
+    run_script("bench_pretrain.py", "--smoke", "--no_baselines", "--variant", "SDT, n_embd 48", "--n_embd 48",
+               "--output", str(output))  # fmt: skip
+    _, wider = json.loads(output.with_suffix(".json").read_text())["rows"]
+    assert wider["name"] == "SDT, n_embd 48, compute_budget 0.6"
+    own_budget = float(wider["infeasible"].split("compute_budget=")[1].split()[0])  # too small a model to run
+    assert 0.2 < own_budget < 0.6 / 1.5, "a 1.5x wider dense step costs over 1.5x the table's"
+
+
 def run_script(script: str, *argv: str, env: dict | None = None) -> None:
     result = subprocess.run(
         [sys.executable, f"benchmarks/{script}", *argv],
@@ -88,7 +98,9 @@ def test_classification_benchmark_logs_each_run_and_reports_every_method(tmp_pat
     levers = tmp_path / "levers.jsonl"  # a lever study's runs, reported beside the defaults' under their own label
     run_script("bench_finetune_classification.py", "--smoke", "--methods", "updates", "--sdt", '{"drop_fraction": 0}',
                "--log", str(levers))  # fmt: skip
+    run_script("bench_finetune_classification.py", "--smoke", "--methods", "updates", "--block_size", "16", "8",
+               "--log", str(levers))  # fmt: skip
     run_script("bench_finetune_classification.py", "--log", str(log), str(levers), "--report", str(report))
     text = report.read_text()
     assert "Chance: 16.7%; the untouched encoder with its fresh head" in text and "| updates_double |" in text
-    assert "| updates (drop_fraction=0) |" in text
+    assert "| updates (drop_fraction=0) |" in text and "| updates (blocks 16x8) |" in text

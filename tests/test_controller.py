@@ -51,9 +51,10 @@ def probe_state(record, layers):
                 assert (value[moved] == 0).all(), name
 
 
-def test_updates_controller_keeps_counts_frozen_weights_and_resets_moved_slots():
+@pytest.mark.parametrize("grow_criterion", ["gradient", "random"])
+def test_updates_controller_keeps_counts_frozen_weights_and_resets_moved_slots(grow_criterion):
     pretrained = tiny_gpt2().state_dict()
-    config = updates_config()
+    config = updates_config(grow_criterion=grow_criterion)
     model, controller, _, _ = run_loop(config, 20, probe_steps=(2, 5, 10))
     assert isinstance(controller, UpdatesController)
     assert controller.metrics()["sdt/churn"] >= 0
@@ -96,6 +97,26 @@ def test_nothing_trains_before_the_first_selection_which_picks_the_largest_gradi
         assert torch.equal(layer.block_mask, chosen), name
     controller.begin_step(4)
     assert not controller.capturing
+
+
+def test_random_growth_takes_no_dense_gradient_and_its_blocks_follow_the_seed():
+    def chosen_blocks(seed: int) -> dict[str, torch.Tensor]:
+        config = updates_config(grow_criterion="random", seed=seed)
+        model = get_sdt_model(tiny_gpt2(), config)
+        controller = SDTController(model, config, total_steps=10)
+        batch = torch.stack([ByteChunks()[i]["input_ids"] for i in range(4)])
+        for step in range(config.selection_steps):
+            controller.begin_step(step)
+            assert not controller.capturing
+            model(input_ids=batch, labels=batch).loss.backward()
+            controller.before_optimizer_step()
+            controller.after_optimizer_step()
+        assert controller.grad_energy == {}
+        return {name: layer.sdt_block_ids.sort().values for name, layer in sdt_layers(model).items()}
+
+    first, again, other = chosen_blocks(0), chosen_blocks(0), chosen_blocks(1)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first)
 
 
 def layer_dense_grad(model, name, batch) -> torch.Tensor:

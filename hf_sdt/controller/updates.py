@@ -32,7 +32,8 @@ class UpdatesController(SDTController):
 
     - Steps `0 .. selection_steps - 1` accumulate each block's gradient energy (squared Frobenius norm of the
       dense weight gradient, per micro-batch) and train nothing; at the end of step `selection_steps - 1` every
-      layer's slots take its highest-energy blocks.
+      layer's slots take its highest-energy blocks (with `grow_criterion="random"`: random blocks, and no dense
+      gradient is taken at all).
     - Every `update_interval` steps after that, until `update_end`: the `drop_fraction_at(step)` share of each
       layer's slots with the smallest update norm is dropped (those blocks return exactly to their pretrained
       values) and as many inactive blocks with the largest energy, accumulated over the `selection_steps` steps
@@ -75,7 +76,7 @@ class UpdatesController(SDTController):
         if step >= self.config.update_end * self.total_steps and step > self.first_selection_step:
             self.churn = 0.0  # a frozen topology changes nothing
         window = range(step, step + self.config.selection_steps)
-        self.capturing = any(self.is_selection_step(s) for s in window)
+        self.capturing = self._by_gradient and any(self.is_selection_step(s) for s in window)
         self._step_flops_ratio = 1.0 if self.capturing else self._flops_ratio
 
     @torch.no_grad()
@@ -126,8 +127,21 @@ class UpdatesController(SDTController):
 
         self._take_dense_weight_grad(x, output, accumulate)
 
+    @property
+    def _by_gradient(self) -> bool:
+        return self.config.grow_criterion == "gradient"
+
+    def _grow_scores(self) -> dict[str, torch.Tensor]:
+        """Each layer's block scores to choose and grow by: the accumulated gradient energy, or random (SET)."""
+        if self._by_gradient:
+            return {name: _summed_over_ranks(energy) for name, energy in self.grad_energy.items()}
+        return {
+            name: torch.rand(layer.block_mask.shape, generator=self.generator).to(layer.block_mask.device)
+            for name, layer in self.layers.items()
+        }
+
     def _select(self, optimizer, first: bool) -> None:
-        unused = [name for name in self.layers if name not in self.grad_energy]
+        unused = [name for name in self.layers if name not in self.grad_energy] if self._by_gradient else []
         if unused and not self._warned_unused:
             warnings.warn(
                 f"SDT updates mode: no gradient reached {len(unused)} layer(s) ({unused[:3]}) in the steps before "
@@ -136,7 +150,7 @@ class UpdatesController(SDTController):
                 stacklevel=4,
             )
             self._warned_unused = True
-        energies = {name: _summed_over_ranks(energy) for name, energy in self.grad_energy.items()}
+        energies = self._grow_scores()
         update_norms = {
             name: full_tensor(self.layers[name].sdt_updates.detach()).flatten(1).norm(dim=1) for name in energies
         }
