@@ -61,10 +61,11 @@ DEFAULT_VARIANTS = [
 
 
 class CountTrainingFlops(TrainerCallback):
-    """Each training step's FLOPs, by FlopCounterMode and by the receipt's formula (`ComputeMeter`)."""
+    """Each training step's FLOPs, by FlopCounterMode and by the receipt's formula (`ComputeMeter`), and those of
+    the same steps of the run's dense model."""
 
     def __init__(self):
-        self.flop_counter = self.receipt = 0
+        self.flop_counter = self.receipt = self.dense_model = 0
         self._mode = self._meter = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -78,7 +79,9 @@ class CountTrainingFlops(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self._mode.__exit__(None, None, None)
         self.flop_counter += self._mode.get_total_flops()
-        self.receipt += self._meter.end_step()[0]
+        actual, dense = self._meter.end_step()
+        self.receipt += actual
+        self.dense_model += dense
 
     def on_train_end(self, args, state, control, **kwargs):
         self._meter.remove()
@@ -140,7 +143,8 @@ def run(name: str, flags: list[str], seeds: list[int], folder: str, dense: bool,
             if "compute_budget" not in str(error):
                 raise
             return {"name": name, "dense": dense, "infeasible": str(error), "runs": []}
-        flops = {"flop_counter": counter.flop_counter, "receipt_flops": counter.receipt}
+        flops = {"flop_counter": counter.flop_counter, "receipt_flops": counter.receipt,
+                 "dense_model_flops": counter.dense_model}  # fmt: skip
         runs.append({"seed": seed, "max_steps": training_args.max_steps, **metrics, **flops})
     return {"name": name, "dense": dense, "runs": runs}
 
@@ -150,11 +154,14 @@ def mean(row: dict, key: str) -> float:
 
 
 def compute_shares(row: dict, dense: dict) -> tuple[float, float]:
-    """(receipt, FlopCounterMode) whole-model training FLOPs of the row over the dense row's."""
+    """(receipt, FlopCounterMode) whole-model training FLOPs of the row over the dense row's. An SDT row's receipt is
+    its controller's (which counts the dense gradients it takes), relative to its own dense model: a variant of
+    another width scales it by that model's FLOPs over the dense row's."""
     counter = mean(row, "flop_counter") / mean(dense, "flop_counter")
     if row["dense"]:
         return mean(row, "receipt_flops") / mean(dense, "receipt_flops"), counter
-    return mean(row, "sdt/train_flops_ratio"), counter
+    width = mean(row, "dense_model_flops") / mean(dense, "receipt_flops")
+    return mean(row, "sdt/train_flops_ratio") * width, counter
 
 
 def format_table(rows: list[dict], header: str, eval_text: str) -> list[str]:

@@ -56,10 +56,10 @@ def test_planned_density_counts_the_blocks_each_layer_keeps():
     config = SDTConfig(compute_budget=0.2)
     one_block_of_four = lambda density: max(1, round(4 * density)) / 4  # noqa: E731
     lowest = r"even at the lowest density \(one block per layer\).*least 0\.406"
-    with pytest.raises(ValueError, match=lowest + ".*grow_criterion='random'"):
+    with pytest.raises(ValueError, match=lowest + r".* or target more layers\.$"):  # random growth: the default
         plan_density(config, 100, targeted_share=0.8, step_cost=one_block_of_four)
-    with pytest.raises(ValueError, match=r"dense step\)\. .* or target more layers\.$"):  # random already
-        plan_density(dataclasses.replace(config, grow_criterion="random"), 100, 0.8, step_cost=one_block_of_four)
+    with pytest.raises(ValueError, match=r"gradient-growth update adds .* or use grow_criterion='random'\.$"):
+        plan_density(dataclasses.replace(config, grow_criterion="gradient"), 100, 0.8, step_cost=one_block_of_four)
     assert plan_density(dataclasses.replace(config, compute_budget=1.0), 100, 0.8) == 1.0
 
 

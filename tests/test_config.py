@@ -56,6 +56,14 @@ def test_mode_picks_its_defaults_and_is_checked():
         SDTConfig(mode="updates", selection_steps=0)
 
 
+def test_growth_is_random_by_default_at_a_compute_budget_and_by_gradient_otherwise():
+    assert SDTConfig(compute_budget=0.3).grow_criterion == "random"
+    assert SDTConfig().grow_criterion == SDTConfig(mode="updates").grow_criterion == "gradient"
+    assert SDTConfig(compute_budget=0.3, grow_criterion="gradient").grow_criterion == "gradient"
+    budgeted = SDTConfig(compute_budget=0.3)
+    assert SDTConfig.from_dict(budgeted.to_dict()) == budgeted
+
+
 def test_storage_is_compact_exactly_when_block_counts_are_fixed():
     assert SDTConfig(schedule="constant").compact_storage
     assert SDTConfig(schedule="constant", distribution="erk").compact_storage
