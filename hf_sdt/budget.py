@@ -50,7 +50,7 @@ def plan_density(config: SDTConfig, total_steps: int, targeted_share: float, ste
     Example:
         >>> config = SDTConfig(compute_budget=0.3)
         >>> round(plan_density(config, 1000, targeted_share=0.9), 3)
-        0.219
+        0.221
     """
 
     def lowest_receipt(density: float) -> float:
