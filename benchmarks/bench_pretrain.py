@@ -255,7 +255,11 @@ def main() -> None:
     args.length, steps, warmup = parsed[1].max_seq_length, parsed[2].max_steps, parsed[2].warmup_steps
     eval_text = ", ".join(os.path.basename(path) for path in parsed[1].validation_files)
     width = ["--model_config", json.dumps(model_config(args.n_embd))]
-    variants = [(name, shlex.split(flags)) for name, flags in args.variant or DEFAULT_VARIANTS]
+    variants = []  # (name, flags, model flags, budget scale, untie): parsed once, run at every budget
+    for name, flags in args.variant or DEFAULT_VARIANTS:
+        flags = shlex.split(flags)
+        untie = "--untie" in flags
+        variants.append((name, *variant_model([flag for flag in flags if flag != "--untie"], args), untie))
     with tempfile.TemporaryDirectory() as folder:
         rows = [run("dense", [*common, *width], args.seeds, folder, dense=True)]
         for budget in args.budgets:
@@ -272,10 +276,7 @@ def main() -> None:
                 narrow_config = ["--model_config", json.dumps(model_config(narrow))]
                 rows.append(run(f"dense, narrower (n_embd {narrow}) for {budget:.0%}", [*common, *narrow_config],
                                 args.seeds, folder, dense=True))  # fmt: skip
-            for name, flags in variants:
-                untie = "--untie" in flags
-                flags = [flag for flag in flags if flag != "--untie"]
-                flags, model_flags, scale = variant_model(flags, args)
+            for name, flags, model_flags, scale, untie in variants:
                 rows.append(run(f"{name}, compute_budget {budget}", [*common, *model_flags, *flags, "--compute_budget",
                                 str(budget * scale)], args.seeds, folder, dense=False, untie=untie))  # fmt: skip
     header = (
