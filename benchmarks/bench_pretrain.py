@@ -6,8 +6,8 @@ trained on it, evaluated on held-out Persuasion; `--n_embd` sets the width). Row
 - dense (the whole run: 100% of the compute);
 - dense, b of the steps: the same model trained for b x the steps (warm-up scaled alike), the same data order;
 - dense, narrower: the widest model (same depth and heads) whose whole run costs at most b of the dense run's FLOPs;
-- SDT at `compute_budget=b`, once per `--variant` (e.g. with the output layer untied and targeted, or a wider
-  model at the same compute: `--n_embd`).
+- SDT at `compute_budget=b`, once per `--variant` (e.g. with the output layer untied and targeted, a wider model
+  at the same compute: `--n_embd`, or more steps at the same compute: `--max_steps`).
 
 Whole-model training FLOPs are counted twice, step by step and outside evaluation: by the compute receipt's formula
 (`hf_sdt.compute`; an SDT row's is its controller's `sdt/train_flops_ratio`) and by PyTorch's `FlopCounterMode`
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
 import statistics
@@ -103,28 +104,34 @@ def step_flops(config: dict, vocab: int, batch: int, length: int) -> int:
 
 
 def narrower_width(budget: float, args) -> int:
-    """The widest n_embd (a multiple of 8 x heads) whose dense step costs at most `budget` of the full width's."""
+    """The widest n_embd (a multiple of 8 and of the heads) whose dense step costs at most `budget` of the full
+    width's: the finer the widths, the closer the baseline spends to the budget (at 0.15 of 256 wide, 88 wide costs
+    14.0%, where a multiple of 32 would be 64 wide at 8.0%)."""
     vocab, batch, length = args.vocab, args.batch, args.length
     full = step_flops(model_config(args.n_embd), vocab, batch, length)
-    step = 8 * DEFAULTS["model_config"]["n_head"]
+    step = math.lcm(8, DEFAULTS["model_config"]["n_head"])
     widths = range(step, args.n_embd, step)
     fitting = [w for w in widths if step_flops(model_config(w), vocab, batch, length) <= budget * full]
     return max(fitting, default=step)
 
 
 def variant_model(flags: list[str], args) -> tuple[list[str], list[str], float]:
-    """A variant's flags without `--n_embd W`, its model's flags, and what turns a budget of the table's dense model
-    into one of the variant's own dense model.
+    """A variant's flags without `--n_embd W`, its model's flags, and what turns a budget of the table's dense run
+    into one of the variant's own dense run.
 
     A variant with `--n_embd W` trains a sparse model of width W (Sparse-IFT: wider at the same compute) at the
-    table's budget: its `compute_budget` is the budget times the table's dense step FLOPs over those of width W.
+    table's budget: its `compute_budget` is the budget times the table's dense step FLOPs over those of width W. One
+    with `--max_steps N` trains for N steps (longer, on the same data) at the table's budget: its `compute_budget`
+    is the budget times the table's steps over N.
     """
+    scale = args.steps / int(flags[flags.index("--max_steps") + 1]) if "--max_steps" in flags else 1.0
     if "--n_embd" not in flags:
-        return flags, ["--model_config", json.dumps(model_config(args.n_embd))], 1.0
+        return flags, ["--model_config", json.dumps(model_config(args.n_embd))], scale
     at = flags.index("--n_embd")
     width = int(flags[at + 1])
-    steps = [step_flops(model_config(n), args.vocab, args.batch, args.length) for n in (args.n_embd, width)]
-    return flags[:at] + flags[at + 2 :], ["--model_config", json.dumps(model_config(width))], steps[0] / steps[1]
+    flops = [step_flops(model_config(n), args.vocab, args.batch, args.length) for n in (args.n_embd, width)]
+    scale *= flops[0] / flops[1]
+    return flags[:at] + flags[at + 2 :], ["--model_config", json.dumps(model_config(width))], scale
 
 
 def run(name: str, flags: list[str], seeds: list[int], folder: str, dense: bool, untie: bool = False) -> dict:
@@ -238,9 +245,9 @@ def main() -> None:
     parser.add_argument(
         "--variant", nargs=2, action="append", metavar=("NAME", "FLAGS"),
         help="an SDT row at every budget, e.g. 'SDT 0.2' '--density 0.2' (repeatable; '--untie' unties the output "
-        "layer; '--n_embd W' trains a model of width W at the budget of the table's dense model; without "
-        "'--density' the planner chooses it); default: the planned density, density 0.1, and density 0.1 with the "
-        "output layer untied and targeted",
+        "layer; '--n_embd W' trains a model of width W and '--max_steps N' for N steps, each at the budget of the "
+        "table's dense run; without '--density' the planner chooses it); default: the planned density, density 0.1, "
+        "and density 0.1 with the output layer untied and targeted",
     )  # fmt: skip
     parser.add_argument("--no_baselines", action="store_true", help="only the dense and the SDT rows")
     parser.add_argument("--output", help="write the table here (and .json / .png twins)")
@@ -252,7 +259,7 @@ def main() -> None:
     common = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", *extra]
     parsed = parse_train_args(demo_argv("unused", common, dense=True))
     args.vocab, args.batch = parsed[0].tokenizer_vocab_size, parsed[2].per_device_train_batch_size
-    args.length, steps, warmup = parsed[1].max_seq_length, parsed[2].max_steps, parsed[2].warmup_steps
+    args.length, args.steps, warmup = parsed[1].max_seq_length, parsed[2].max_steps, parsed[2].warmup_steps
     eval_text = ", ".join(os.path.basename(path) for path in parsed[1].validation_files)
     width = ["--model_config", json.dumps(model_config(args.n_embd))]
     variants = []  # (name, flags, model flags, budget scale, untie): parsed once, run at every budget
@@ -266,7 +273,7 @@ def main() -> None:
             if not args.no_baselines:
                 short = [
                     "--max_steps",
-                    str(max(1, round(budget * steps))),
+                    str(max(1, round(budget * args.steps))),
                     "--warmup_steps",
                     str(round(budget * warmup)),
                 ]
@@ -277,11 +284,13 @@ def main() -> None:
                 rows.append(run(f"dense, narrower (n_embd {narrow}) for {budget:.0%}", [*common, *narrow_config],
                                 args.seeds, folder, dense=True))  # fmt: skip
             for name, flags, model_flags, scale, untie in variants:
-                rows.append(run(f"{name}, compute_budget {budget}", [*common, *model_flags, *flags, "--compute_budget",
-                                str(budget * scale)], args.seeds, folder, dense=False, untie=untie))  # fmt: skip
+                own_budget = ["--compute_budget", str(budget * scale)]  # of the variant's own dense run
+                row = run(f"{name}, compute_budget {budget}", [*common, *model_flags, *flags, *own_budget], args.seeds,
+                          folder, dense=False, untie=untie)  # fmt: skip
+                rows.append({**row, "own_compute_budget": budget * scale})
     header = (
         f"{datetime.date.today()} | {os.cpu_count()} CPUs | torch {torch.__version__} | `hf-sdt demo` setting, "
-        f"n_embd {args.n_embd}, {steps} steps {shlex.join(extra)}"
+        f"n_embd {args.n_embd}, {args.steps} steps {shlex.join(extra)}"
     ).rstrip()
     finish_report(format_table(rows, header, eval_text), args.output)
     if args.output:

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
             [
                 "compute (FlopCounterMode)",
                 "dense, 60% of the steps | 4 |",
+                "dense, narrower (n_embd 16) for 60% | 6 |",  # widths in multiples of 8: below 32, the smoke's width
                 "not run: SDTConf",
                 "SDT, density planned, compute_budget 0.6 | 6 |",
             ],
@@ -60,14 +61,25 @@ def test_quality_report_json_is_plotted_and_reused_as_baseline(tmp_path):
     assert rerun[0]["name"] == "dense (from quality.json)" and rerun[0]["runs"] == runs[0]["runs"]
 
 
-def test_a_wider_pretraining_variant_gets_the_tables_budget_in_its_own_dense_models_terms(tmp_path):
-    output = tmp_path / "wider.md"
-    run_script("bench_pretrain.py", "--smoke", "--no_baselines", "--variant", "SDT, n_embd 48", "--n_embd 48",
-               "--output", str(output))  # fmt: skip
-    _, wider = json.loads(output.with_suffix(".json").read_text())["rows"]
-    assert wider["name"] == "SDT, n_embd 48, compute_budget 0.6"
-    own_budget = float(wider["infeasible"].split("compute_budget=")[1].split()[0])  # too small a model to run
-    assert 0.2 < own_budget < 0.6 / 1.5, "a 1.5x wider dense step costs over 1.5x the table's"
+@pytest.mark.parametrize(
+    "variant,flags,low,high",
+    [
+        ("SDT, n_embd 48", "--n_embd 48", 0.2, 0.6 / 1.5),  # a 1.5x wider dense step costs over 1.5x the table's
+        ("SDT, 7 steps", "--max_steps 7", 0.6 * 6 / 7, 0.6 * 6 / 7),  # one step more than the table's 6
+    ],
+)
+def test_a_wider_or_longer_pretraining_variant_gets_the_tables_budget_in_its_own_dense_runs_terms(
+    tmp_path, variant, flags, low, high
+):
+    output = tmp_path / "variant.md"
+    run_script("bench_pretrain.py", "--smoke", "--no_baselines", "--variant", variant, flags, "--output", str(output))
+    _, row = json.loads(output.with_suffix(".json").read_text())["rows"]
+    assert row["name"] == f"{variant}, compute_budget 0.6"
+    assert low - 1e-9 <= row["own_compute_budget"] <= high + 1e-9
+    if "--max_steps" in flags:  # the longer run's receipt, counted against the table's 6-step dense run, is within 0.6
+        line = next(line for line in output.read_text().splitlines() if line.startswith(f"| {row['name']} |"))
+        steps, receipt = line.split("|")[2], line.split("|")[6]
+        assert int(steps) == 7 and 0.4 < float(receipt.strip(" %")) / 100 <= 0.6
 
 
 def run_script(script: str, *argv: str, env: dict | None = None) -> None:
