@@ -162,13 +162,13 @@ def mean(row: dict, key: str) -> float:
 
 def compute_shares(row: dict, dense: dict) -> tuple[float, float]:
     """(receipt, FlopCounterMode) whole-model training FLOPs of the row over the dense row's. An SDT row's receipt is
-    its controller's (which counts the dense gradients it takes), relative to its own dense model: a variant of
-    another width scales it by that model's FLOPs over the dense row's."""
+    its controller's (which counts the dense gradients it takes), relative to its own dense run: a variant of
+    another width or length scales it by that run's FLOPs over the dense row's."""
     counter = mean(row, "flop_counter") / mean(dense, "flop_counter")
     if row["dense"]:
         return mean(row, "receipt_flops") / mean(dense, "receipt_flops"), counter
-    width = mean(row, "dense_model_flops") / mean(dense, "receipt_flops")
-    return mean(row, "sdt/train_flops_ratio") * width, counter
+    own_dense_run = mean(row, "dense_model_flops") / mean(dense, "receipt_flops")
+    return mean(row, "sdt/train_flops_ratio") * own_dense_run, counter
 
 
 def format_table(rows: list[dict], header: str, eval_text: str) -> list[str]:

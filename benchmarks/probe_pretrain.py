@@ -36,11 +36,11 @@ def main() -> None:
     parser.add_argument("--log", required=True, help="JSON lines file each probe's row is appended to")
     args = parser.parse_args()
     width = ["--model_config", json.dumps(model_config(args.n_embd))]
+    setting = f"byte-level Shakespeare (the texts of pretrain_shakespeare_bytes_256.md), {shlex.join(SETTING)}"
     for probe in args.probes:
         name, kind, flags = probe.split("|")
         with tempfile.TemporaryDirectory() as folder:
             row = run(name, [*SETTING, *width, *shlex.split(flags)], [args.seed], folder, dense=kind == "dense")
-        setting = f"byte-level Shakespeare (the texts of pretrain_shakespeare_bytes_256.md), {shlex.join(SETTING)}"
         row = {**row, "flags": flags, "n_embd": args.n_embd, "setting": setting}
         with open(args.log, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
