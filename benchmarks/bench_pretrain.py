@@ -59,6 +59,7 @@ DEFAULT_VARIANTS = [
     ("SDT", "--density 0.1"),
     ("SDT, output layer untied and targeted", "--density 0.1 --untie --target_modules c_attn c_proj c_fc lm_head"),
 ]
+BUDGET_REGION = 0.35  # the plot's zoomed panel: the rows at up to this share of the dense run's compute
 
 
 class CountTrainingFlops(TrainerCallback):
@@ -202,39 +203,68 @@ def format_table(rows: list[dict], header: str, eval_text: str) -> list[str]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    """Eval loss vs whole-model compute (receipt): one colour per kind of run, each point labelled by its row."""
+    """Eval loss vs whole-model compute (receipt): each row's seed mean, with a bar from its lowest to its highest
+    seed, numbered as in the key below the plot; a second panel zooms in on the budgets (up to `BUDGET_REGION` of
+    the dense run's compute), where most rows lie, and the first then numbers only the rows outside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    kinds = {}
-    for row in rows:
-        if row.get("infeasible"):
-            continue
-        kind = row["name"].split(",")[0] if not row["name"].startswith("dense,") else row["name"].split(" for ")[0]
-        kind = "dense, narrower" if kind.startswith("dense, narrower") else kind
-        kind = "dense, fewer steps" if kind.endswith("of the steps") else kind
-        color = kinds.setdefault(kind, f"C{len(kinds)}")
-        share, loss = compute_shares(row, rows[0])[0], mean(row, "eval_loss")
-        axes.scatter(
-            share,
-            loss,
-            color=color,
-            marker="o" if row["dense"] else "s",
-            label=kind if list(kinds).index(kind) == len(kinds) - 1 and kinds[kind] == color else None,
-        )
-        axes.annotate(row["name"].replace("compute_budget ", "b="), (share, loss), fontsize=5, xytext=(3, 2),
-                      textcoords="offset points")  # fmt: skip
-    axes.set_xlabel("whole-model training FLOPs vs dense (receipt)")
-    axes.set_ylabel("eval loss (held-out)")
-    handles, labels = axes.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))  # one entry per kind
-    axes.legend(unique.values(), unique.keys(), fontsize=7)
-    figure.tight_layout()
+    points = []  # (number, name, dense, compute share, mean loss, lowest seed's, highest seed's)
+    for number, row in enumerate((row for row in rows if not row.get("infeasible")), start=1):
+        losses = [run["eval_loss"] for run in row["runs"]]
+        share = compute_shares(row, rows[0])[0]
+        points.append((number, row["name"], row["dense"], share, statistics.mean(losses), min(losses), max(losses)))
+    budgets = [point for point in points if point[3] <= BUDGET_REGION]
+    panels = [points, budgets] if 1 < len(budgets) < len(points) else [points]  # a zoom on one row shows nothing
+    key_lines = math.ceil(len(points) / 2)
+    height = 4 + 0.13 * key_lines
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), height), squeeze=False)
+    for axis, panel in zip(axes[0], panels, strict=True):
+        for _, _, dense, share, loss, lowest, highest in panel:
+            color, marker = ("C1", "o") if dense else ("C0", "s")
+            axis.errorbar(share, loss, yerr=[[loss - lowest], [highest - loss]], fmt=marker, color=color,
+                          markersize=4, capsize=2, elinewidth=0.8)  # fmt: skip
+        axis.set_xlabel("whole-model training FLOPs vs dense (receipt)")
+        numbered = panel if panel is budgets or len(panels) == 1 else [p for p in panel if p not in budgets]
+        number_points(axis, [(number, share, loss) for number, _, _, share, loss, *_ in numbered])
+    axes[0][0].set_ylabel("eval loss (held-out), seed mean and range")
+    if len(panels) == 2:
+        axes[0][1].set_title(f"the budgets (up to {BUDGET_REGION:.0%} of the compute)", fontsize=8)
+    kinds = [Line2D([], [], color="C1", marker="o", linestyle="none"),
+             Line2D([], [], color="C0", marker="s", linestyle="none")]  # fmt: skip
+    axes[0][0].legend(kinds, ["dense", "SDT"], fontsize=7)
+    blank = Line2D([], [], linestyle="none")
+    figure.legend([blank] * len(points), [f"{number}: {name}" for number, name, *_ in points], loc="lower center",
+                  ncol=2, fontsize=6, handlelength=0, frameon=False)  # fmt: skip
+    figure.tight_layout(rect=(0, 0.13 * key_lines / height + 0.02, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def number_points(axis, points: list[tuple[int, float, float]]) -> None:
+    """Write each point's number to its right; points at about the same compute share one column of numbers, spread
+    apart vertically (in order of loss) and joined to their points by a thin line."""
+    if not points:
+        return
+    axis.autoscale_view()
+    (left, right), (bottom, top) = axis.get_xlim(), axis.get_ylim()
+    near, offset, spacing = 0.05 * (right - left), 0.025 * (right - left), 0.04 * (top - bottom)
+    columns: list[list[tuple[int, float, float]]] = []
+    for point in sorted(points, key=lambda point: point[1]):
+        if columns and point[1] - columns[-1][-1][1] < near:
+            columns[-1].append(point)
+        else:
+            columns.append([point])
+    for column in columns:
+        x, floor = max(share for _, share, _ in column) + offset, -math.inf
+        for number, share, loss in sorted(column, key=lambda point: point[2]):
+            floor = max(loss, floor + spacing)
+            axis.annotate(str(number), (share, loss), xytext=(x, floor), fontsize=6, va="center",
+                          arrowprops={"arrowstyle": "-", "linewidth": 0.3, "color": "0.5"})  # fmt: skip
+    axis.set_xlim(left, max(right, x + 2 * offset))  # room for the last column of numbers
 
 
 def main() -> None:
