@@ -218,17 +218,18 @@ def plot(rows: list[dict], path: str) -> None:
         share = compute_shares(row, rows[0])[0]
         points.append((number, row["name"], row["dense"], share, statistics.mean(losses), min(losses), max(losses)))
     budgets = [point for point in points if point[3] <= BUDGET_REGION]
-    panels = [points, budgets] if 1 < len(budgets) < len(points) else [points]  # a zoom on one row shows nothing
-    key_lines = math.ceil(len(points) / 2)
-    height = 4 + 0.13 * key_lines
+    panels = [(points, points)]  # (the points drawn, those numbered)
+    if 1 < len(budgets) < len(points):  # a zoom on one row shows nothing
+        panels = [(points, [point for point in points if point not in budgets]), (budgets, budgets)]
+    key_height = 0.13 * math.ceil(len(points) / 2)  # inches: two columns of key lines
+    height = 4 + key_height
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), height), squeeze=False)
-    for axis, panel in zip(axes[0], panels, strict=True):
-        for _, _, dense, share, loss, lowest, highest in panel:
+    for axis, (drawn, numbered) in zip(axes[0], panels, strict=True):
+        for _, _, dense, share, loss, lowest, highest in drawn:
             color, marker = ("C1", "o") if dense else ("C0", "s")
             axis.errorbar(share, loss, yerr=[[loss - lowest], [highest - loss]], fmt=marker, color=color,
                           markersize=4, capsize=2, elinewidth=0.8)  # fmt: skip
         axis.set_xlabel("whole-model training FLOPs vs dense (receipt)")
-        numbered = panel if panel is budgets or len(panels) == 1 else [p for p in panel if p not in budgets]
         number_points(axis, [(number, share, loss) for number, _, _, share, loss, *_ in numbered])
     axes[0][0].set_ylabel("eval loss (held-out), seed mean and range")
     if len(panels) == 2:
@@ -239,7 +240,7 @@ def plot(rows: list[dict], path: str) -> None:
     blank = Line2D([], [], linestyle="none")
     figure.legend([blank] * len(points), [f"{number}: {name}" for number, name, *_ in points], loc="lower center",
                   ncol=2, fontsize=6, handlelength=0, frameon=False)  # fmt: skip
-    figure.tight_layout(rect=(0, 0.13 * key_lines / height + 0.02, 1, 1))
+    figure.tight_layout(rect=(0, key_height / height + 0.02, 1, 1))
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
