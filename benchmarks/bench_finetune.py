@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq_len", type=int, default=128)
-    parser.add_argument("--block_size", type=int, default=64)
+    parser.add_argument("--block_size", type=int, default=SDTConfig(mode="updates").block_shape[0])
     parser.add_argument("--test_bytes", type=int, default=20_000)
     parser.add_argument("--measure_steps", type=int, default=10, help="steps of each memory / speed run")
     parser.add_argument("--output")

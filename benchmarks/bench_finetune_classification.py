@@ -202,7 +202,11 @@ def block_label(block_size: int | list[int]) -> str:
 
 
 def run_label(run: dict, block_size: str) -> str:
-    """The method, and the settings of the run that differ from the report's (a lever study's rows)."""
+    """The method, and the settings of an SDT run that differ from updates mode's defaults (a lever study's rows).
+    A run's `sdt` names what it changed from the defaults of today's SDTConfig (the logs were rewritten when a
+    default changed)."""
+    if not run["method"].startswith("updates"):
+        return run["method"]
     changes = [f"{name}={value}" for name, value in run["sdt"].items()]
     if block_label(run["block_size"]) != block_size:
         changes.append(f"blocks {block_label(run['block_size'])}")
@@ -214,7 +218,7 @@ def run_label(run: dict, block_size: str) -> str:
 def write_report(runs: list[dict], args) -> None:
     """The learning-rate grid of every method (seed 0) and each method's best rate over all its seeds."""
     untouched = [r for r in runs if r["method"] == UNTOUCHED]
-    block_size = statistics.mode(block_label(r["block_size"]) for r in runs)  # the report's; rows with another say so
+    block_size = block_label(logged_block(SDTConfig(mode="updates").block_shape))  # rows with another say so
     runs = [{**r, "method": run_label(r, block_size)} for r in runs if r["method"] != UNTOUCHED]
     grid = {(r["method"], r["lr"]): r for r in runs if r["seed"] == 0}
     rates = sorted({lr for _, lr in grid})
@@ -227,8 +231,9 @@ def write_report(runs: list[dict], args) -> None:
     lines = [
         f"{datetime.date.today()} | {os.cpu_count()} CPUs | torch {torch.__version__} | all-MiniLM-L6-v2 | "
         f"which Austen novel (6 classes, chance {chance:.1%}), {args.train} train / {args.test} test passages of "
-        f"{args.words} words | one epoch, batch {args.batch}, AdamW, linear decay, no warm-up, clip 1 | blocks "
-        f"{block_size} | SDT settings defaults (otherwise named in the row)",
+        f"{args.words} words | one epoch, batch {args.batch}, AdamW, linear decay, no warm-up, clip 1 | SDT rows at "
+        f"updates mode's defaults (blocks {block_size}, {SDTConfig(mode='updates').grow_criterion} growth) unless "
+        "the row names a change",
         "",
         "Test accuracy by learning rate (seed 0); in brackets the share of the most predicted class (1.00 = one "
         f"class always). Chance: {chance:.1%}; the untouched encoder with its fresh head (no training): {baseline}.",
@@ -277,7 +282,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
     if args.block_size is None:
-        args.block_size = (16, 16) if args.smoke else SDTConfig(mode="updates").block_shape
+        args.block_size = SDTConfig(mode="updates").block_shape
     elif len(args.block_size) > 2:
         parser.error("--block_size takes the rows and optionally the columns of a block")
     args.block_size = (args.block_size[0], args.block_size[-1])

@@ -92,10 +92,9 @@ def write_model_card(
     draw_card_pictures(model, directory)
     template = importlib.resources.files("hf_sdt.model_cards") / "sdt_model_card.md"
     if adapter:
-        schedule = (
-            f"blocks chosen by gradient over {config.selection_steps} steps, drop/grow every "
-            f"{config.update_interval} steps ({config.distribution})"
-        )
+        gradient = f"by gradient over {config.selection_steps} steps"
+        chosen = "at random" if config.grow_criterion == "random" else gradient
+        schedule = f"blocks chosen {chosen}, drop/grow every {config.update_interval} steps ({config.distribution})"
     else:
         constant = config.schedule == "constant"
         final = "the density it plans" if config.density is None else f"{config.density:.4g}"  # before the 1st step

@@ -20,8 +20,8 @@ MODES = ("weights", "updates")
 STORAGES = ("auto", "compact", "dense")
 # Defaults that depend on the mode (a field left at None takes its mode's value).
 MODE_DEFAULTS = {
-    "weights": {"density": 0.25, "update_interval": 100},
-    "updates": {"density": 0.05, "update_interval": 20},
+    "weights": {"density": 0.25, "update_interval": 100, "block_size": 64},
+    "updates": {"density": 0.05, "update_interval": 20, "block_size": 16, "grow_criterion": "random"},
 }
 # Updates mode's default `update_scale` is sqrt(UPDATE_SCALE_DENSITY / density): 2.0 at the default density 0.05.
 UPDATE_SCALE_DENSITY = 0.2
@@ -39,8 +39,10 @@ class SDTConfig:
       updates move the active blocks.
     - `"updates"` (fine-tuning a pretrained model): the pretrained weights stay and are frozen; only a block-sparse
       set of updates to them is trained, stored compactly as (n_active, block_rows, block_cols) and saved as a small
-      adapter. The active set is chosen by gradient over the first `selection_steps` steps and re-chosen every
-      `update_interval` steps (drop the blocks with the smallest update, grow those with the largest gradient).
+      adapter. By default the active set is drawn at random (SHiRA's choice, in 16 x 16 blocks) after
+      `selection_steps` steps and re-chosen every `update_interval` steps (drop the blocks with the smallest
+      update, grow random ones); `grow_criterion="gradient"` chooses by the dense gradient accumulated over those
+      steps instead.
       The updates enter the weight scaled by `update_scale` (as LoRA's `lora_alpha / r`), so that the learning
       rate you would give LoRA works here too (`benchmarks/results/finetune_classification.md`). The fields
       `initial_density`, `schedule*` and `prune_criterion` belong to weights mode and are ignored here.
@@ -62,9 +64,12 @@ class SDTConfig:
             mode the fraction of each targeted layer's weights that is trained. With the uniform distribution each
             layer has exactly `max(1, round(density * n_blocks))` active blocks. With `compute_budget` and no
             `density`, the controller chooses it on the first step (see `compute_budget`).
-        block_size (`int` or `tuple[int, int]`, defaults to 64):
+        block_size (`int` or `tuple[int, int]`, defaults to 64 in weights mode and 16 in updates mode):
             Block shape (rows, cols) in the (out, in) weight layout; an int means square blocks. Larger blocks run
-            faster, smaller blocks lose less quality; 64 is a good compromise on GPUs and CPUs alike.
+            faster, smaller blocks lose less quality; 64 is a good compromise on GPUs and CPUs alike for sparse
+            weights. Updates mode trains a small share of each layer: 16 x 16 blocks (the smallest the Triton
+            kernels take) spread it over many places, which learned better in the classification benchmark
+            (`docs/benchmarks.md`).
         backend (`str`, defaults to `"auto"`):
             Kernel backend: `"triton"` (GPU kernels), `"torch"` (blocked PyTorch path, fast on a CPU),
             `"reference"` (masked dense matmul, the slow oracle used by tests) or `"auto"` (Triton for CUDA tensors
@@ -104,21 +109,21 @@ class SDTConfig:
             Block score for dropping and pruning: `"magnitude"` (Frobenius norm, free), `"taylor"` (|w * g| summed
             between updates) or `"wanda"` (|w| times the input-feature norm, tracked in the forward pass; strong for
             pretrained models).
-        grow_criterion (`str`, defaults to `"random"` with `compute_budget`, `"gradient"` otherwise):
+        grow_criterion (`str`, defaults to `"random"` in updates mode or with `compute_budget`, else `"gradient"`):
             How blocks are grown: `"gradient"` (RigL: largest dense-gradient block norm, computed on update steps
-            only) or `"random"` (SET). At a compute budget random growth is the default: it takes no dense weight
-            gradient, so the budget buys a higher density, and it trained better at budgets 0.3 and 0.15
-            (`docs/benchmarks.md`). In updates mode it also makes the first choice of blocks (random: SHiRA's
-            choice, in blocks, and no dense gradient is taken); in the classification benchmark random blocks did
-            no better than the gradient's (`docs/benchmarks.md`).
+            only) or `"random"` (SET). Random growth takes no dense weight gradient: at a compute budget it buys a
+            higher density, and it trained better at budgets 0.3 and 0.15; in updates mode it also makes the first
+            choice of blocks (SHiRA's random choice, in blocks) and, with 16 x 16 blocks, learned better than the
+            gradient's choice in 64 x 64 blocks (`docs/benchmarks.md`).
         distribution (`str`, defaults to `"uniform"`):
             How the density is spread over layers: `"uniform"` (every layer at `density`: predictable savings),
             `"erk"` (Erdos-Renyi-Kernel: small layers denser, often more accurate but more FLOPs) or `"global"`
             (block scores compared across layers; weights mode only).
         selection_steps (`int`, defaults to 5):
-            Updates mode: steps over which the dense weight gradients are accumulated before each selection of
-            blocks (SpIEL's 5). The first selection ends step `selection_steps - 1`; until then nothing is trained
-            (with `grow_criterion="random"` nothing is accumulated: `selection_steps=1` chooses at the first step).
+            Updates mode: steps before each selection of blocks, over which gradient growth accumulates the dense
+            weight gradients (SpIEL's 5). The first selection ends step `selection_steps - 1`; until then nothing
+            is trained. Random growth (the default) accumulates nothing: `selection_steps=1` chooses at the first
+            step.
         modules_to_save (`list[str]`, *optional*):
             Updates mode: modules trained densely and saved with the adapter, matched like `target_modules` (PEFT's
             field). By default the classification head (`classifier` or `score`) when the model has one.
@@ -168,9 +173,12 @@ class SDTConfig:
             "in updates mode; with compute_budget, chosen by the planner when unset)."
         },
     )
-    block_size: int | tuple[int, int] = field(
-        default=64,
-        metadata={"help": "Block shape (rows, cols) of the (out, in) weight; an int means square blocks."},
+    block_size: int | tuple[int, int] | None = field(
+        default=None,
+        metadata={
+            "help": "Block shape (rows, cols) of the (out, in) weight; an int means square blocks (default 64 in "
+            "weights mode, 16 in updates mode)."
+        },
     )
     backend: str = field(
         default="auto",
@@ -215,7 +223,8 @@ class SDTConfig:
     grow_criterion: str | None = field(
         default=None,
         metadata={
-            "help": f"Growth rule, one of {GROW_CRITERIA} (default 'random' with compute_budget, else 'gradient')."
+            "help": f"Growth rule, one of {GROW_CRITERIA} (default 'random' in updates mode and with compute_budget, "
+            "else 'gradient')."
         },
     )
     distribution: str = field(default="uniform", metadata={"help": f"Density over layers, one of {DISTRIBUTIONS}."})

@@ -89,7 +89,7 @@ def get_sdt_model(
     Updates mode: each targeted layer becomes an `SDTUpdateLinear` with `max(1, round(density * n_blocks))`
     trainable blocks (uniform; ERK spreads them by layer shape); every other parameter is frozen except those of
     `modules_to_save`. The blocks start at random (seeded by `config.seed`): `SDTController` and `SDTTrainer`
-    replace them by gradient-chosen ones after `selection_steps` steps, while a plain loop without the controller
+    choose them afresh (by `grow_criterion`) after `selection_steps` steps, while a plain loop without the controller
     trains these random blocks (a static mask, as PEFT's SHiRA). `block_ids` (layer name -> (n,) block ids in slot
     order) restores saved blocks instead, as `hf_sdt.from_pretrained` does for adapters.
 

@@ -100,7 +100,8 @@ def test_train_help_is_short_and_shows_real_defaults(capsys):
     short = capsys.readouterr().out
     assert len(short.splitlines()) < 200 and "--help-all" in short
     assert "(default: None)" not in short.split("SDT (see hf_sdt.SDTConfig)")[1]
-    assert "(default: 64)" in short and "(default: cubic)" in short and "--learning_rate" in short
+    assert "(default: 0.3)" in short and "(default: cubic)" in short and "--learning_rate" in short
+    assert "default 64 in weights mode, 16 in updates mode" in " ".join(short.split())  # a mode's default
     assert "--adam_beta1" not in short
     main(["train", "--help-all"])
     assert "--adam_beta1" in capsys.readouterr().out

@@ -46,7 +46,9 @@ def test_missing_file_says_how_to_make_one(tmp_path):
 def test_mode_picks_its_defaults_and_is_checked():
     assert (SDTConfig().density, SDTConfig().update_interval) == (0.25, 100)
     updates = SDTConfig(mode="updates")
-    assert (updates.density, updates.update_interval) == (0.05, 20)
+    assert (updates.density, updates.update_interval, updates.block_shape) == (0.05, 20, (16, 16))
+    assert SDTConfig().block_shape == (64, 64)
+    assert SDTConfig(mode="updates", block_size=64).block_shape == (64, 64)
     assert SDTConfig.from_dict(updates.to_dict()) == updates
     with pytest.raises(ValueError, match="mode must be one of"):
         SDTConfig(mode="sparse")
@@ -56,9 +58,10 @@ def test_mode_picks_its_defaults_and_is_checked():
         SDTConfig(mode="updates", selection_steps=0)
 
 
-def test_growth_is_random_by_default_at_a_compute_budget_and_by_gradient_otherwise():
-    assert SDTConfig(compute_budget=0.3).grow_criterion == "random"
-    assert SDTConfig().grow_criterion == SDTConfig(mode="updates").grow_criterion == "gradient"
+def test_growth_is_random_by_default_in_updates_mode_and_at_a_compute_budget_and_by_gradient_otherwise():
+    assert SDTConfig(compute_budget=0.3).grow_criterion == SDTConfig(mode="updates").grow_criterion == "random"
+    assert SDTConfig().grow_criterion == "gradient"
+    assert SDTConfig(mode="updates", grow_criterion="gradient").grow_criterion == "gradient"
     assert SDTConfig(compute_budget=0.3, grow_criterion="gradient").grow_criterion == "gradient"
     budgeted = SDTConfig(compute_budget=0.3)
     assert SDTConfig.from_dict(budgeted.to_dict()) == budgeted

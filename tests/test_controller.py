@@ -25,8 +25,10 @@ def run_loop(config: SDTConfig, steps: int, poison_step: int | None = None, prob
         controller.begin_step(step)
         batch = torch.stack([data[(step * 4 + i) % len(data)]["input_ids"] for i in range(4)])
         model(input_ids=batch, labels=batch).loss.backward()
-        if step == poison_step:  # as NaN gradients would make them
-            next(iter(controller.grad_energy.values())).fill_(float("nan"))
+        if step == poison_step:  # a NaN gradient; with gradient growth, in the statistics it feeds too
+            next(iter(sdt_layers(model).values())).sdt_updates.grad.fill_(float("nan"))
+            for energy in controller.grad_energy.values():
+                energy.fill_(float("nan"))
         ids_before = {name: layer.sdt_block_ids.clone() for name, layer in sdt_layers(model).items()}
         controller.before_optimizer_step(optimizer)
         if step in probe_steps:
@@ -70,8 +72,8 @@ def test_updates_controller_keeps_counts_frozen_weights_and_resets_moved_slots(g
             assert torch.equal(parameter, pretrained[name]), f"{name} is frozen and must not change"
 
 
-def test_nothing_trains_before_the_first_selection_which_picks_the_largest_gradients():
-    config = updates_config(selection_steps=4, update_interval=8)
+def test_nothing_trains_before_the_first_selection_which_by_gradient_picks_the_largest_gradients():
+    config = updates_config(selection_steps=4, update_interval=8, grow_criterion="gradient")
     model = get_sdt_model(tiny_gpt2(), config)
     controller = SDTController(model, config, total_steps=10)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -138,14 +140,21 @@ def layer_dense_grad(model, name, batch) -> torch.Tensor:
     return (grad_out.t() @ captured["x"].reshape(-1, layer.in_features).double()).float()
 
 
-def test_non_finite_statistics_skip_the_update_with_a_warning():
-    config = updates_config()
+@pytest.mark.parametrize("grow_criterion", ["gradient", "random"])
+def test_a_nan_gradient_at_a_selection_skips_it_with_a_warning_and_keeps_the_blocks(grow_criterion):
+    config = updates_config(grow_criterion=grow_criterion)
+    clean_model, clean, _, clean_records = run_loop(config, 12, probe_steps=(5,))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, controller, _, _ = run_loop(config, 12, poison_step=5)
+        model, controller, _, records = run_loop(config, 12, poison_step=5, probe_steps=(5,))
     assert any("non-finite scores" in str(w.message) and "step 5" in str(w.message) for w in caught)
-    assert controller.skipped_updates == 1
-    assert all(torch.isfinite(layer.sdt_updates).all() for layer in sdt_layers(model).values())
+    assert controller.skipped_updates == 1 and clean.skipped_updates == 0
+    (_, ids_before, _, _), (_, clean_ids_before, _, _) = records[0], clean_records[0]
+    for name, layer in sdt_layers(model).items():
+        assert torch.equal(layer.sdt_block_ids, ids_before[name]), f"{name}: the skipped selection moved blocks"
+        assert torch.equal(ids_before[name], clean_ids_before[name])
+    clean_ids = {name: layer.sdt_block_ids for name, layer in sdt_layers(clean_model).items()}
+    assert any(not torch.equal(clean_ids[name], clean_ids_before[name]) for name in clean_ids), "nothing to skip"
 
 
 def test_resumed_controller_state_continues_identically():
@@ -174,8 +183,8 @@ def test_a_controller_of_the_wrong_mode_is_refused():
         SDTController(model, updates_config(), total_steps=4)
 
 
-def test_a_layer_no_gradient_reaches_keeps_its_blocks_with_a_warning():
-    config = updates_config()
+def test_with_gradient_growth_a_layer_no_gradient_reaches_keeps_its_blocks_with_a_warning():
+    config = updates_config(grow_criterion="gradient")
     model = get_sdt_model(tiny_gpt2(), config)
     controller = SDTController(model, config, total_steps=10)
     unused = sdt_layers(model)["transformer.h.1.mlp.c_proj"]

@@ -240,19 +240,23 @@ def test_trainer_variants(tmp_path, overrides):
     assert_zero_outside_masks(trainer.model, trainer.optimizer)
 
 
-def test_updates_mode_trains_logs_and_checkpoints_adapters(tmp_path):
+@pytest.mark.parametrize("grow_criterion", ["random", "gradient"])
+def test_updates_mode_trains_logs_and_checkpoints_adapters(tmp_path, grow_criterion):
     pretrained = tiny_gpt2().state_dict()
     trainer = SDTTrainer(
         model=tiny_gpt2(),
         args=training_args(tmp_path, max_steps=12, save_strategy="steps", save_steps=6),
         train_dataset=ByteChunks(),
-        sdt_config=make_updates_config(),
+        sdt_config=make_updates_config(grow_criterion=grow_criterion),
     )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "sdt/density" in entry]
     assert len(logs) == 12 and logs[-1]["sdt/density"] == pytest.approx(0.25)
     assert logs[-1]["sdt/linear_flops_ratio"] == pytest.approx(0.75)
-    assert 0 < logs[-1]["sdt/linear_flops_saved"] < 0.25  # the capture steps count as dense
+    if grow_criterion == "gradient":
+        assert 0 < logs[-1]["sdt/linear_flops_saved"] < 0.25  # the capture steps count as dense
+    else:  # random growth takes no dense gradient: every step costs the active blocks only
+        assert logs[-1]["sdt/linear_flops_saved"] == pytest.approx(0.25)
     assert any(entry["sdt/churn"] > 0 for entry in logs)
     checkpoint = tmp_path / "checkpoint-6"
     assert sorted(os.listdir(checkpoint)) == sorted(

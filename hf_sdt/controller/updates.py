@@ -27,8 +27,9 @@ from .base import (
 
 
 class UpdatesController(SDTController):
-    """Updates mode (SpIEL-style sparse fine-tuning with blocks): the trainable blocks are chosen by gradient and
-    re-chosen during training; every weight outside them stays bit-identical to the pretrained weight.
+    """Updates mode (SpIEL-style sparse fine-tuning with blocks): the trainable blocks are chosen (at random or by
+    gradient: `grow_criterion`) and re-chosen during training; every weight outside them stays bit-identical to
+    the pretrained weight.
 
     - Steps `0 .. selection_steps - 1` accumulate each block's gradient energy (squared Frobenius norm of the
       dense weight gradient, per micro-batch) and train nothing; at the end of step `selection_steps - 1` every
@@ -37,7 +38,7 @@ class UpdatesController(SDTController):
     - Every `update_interval` steps after that, until `update_end`: the `drop_fraction_at(step)` share of each
       layer's slots with the smallest update norm is dropped (those blocks return exactly to their pretrained
       values) and as many inactive blocks with the largest energy, accumulated over the `selection_steps` steps
-      before, are grown with a zero update and a fresh optimizer state.
+      before (random ones with random growth), are grown with a zero update and a fresh optimizer state.
 
     Dense weight gradients exist only on those accumulation steps: forward hooks of this controller compute them
     from each layer's input and output gradient and keep only block energies. Under DDP the energies are summed
@@ -154,7 +155,11 @@ class UpdatesController(SDTController):
         update_norms = {
             name: full_tensor(self.layers[name].sdt_updates.detach()).flatten(1).norm(dim=1) for name in energies
         }
-        if not self._all_finite({name: [energies[name], update_norms[name]] for name in energies}):
+        # The updates' own gradients too: random growth takes no dense gradient that would show a NaN step.
+        grads = {name: self.layers[name].sdt_updates.grad for name in energies}
+        grad_norms = {name: None if grad is None else full_tensor(grad).norm() for name, grad in grads.items()}
+        scores = {name: [energies[name], update_norms[name], grad_norms[name]] for name in energies}
+        if not self._all_finite(scores):
             self.grad_energy.clear()
             return
         fraction = 1.0 if first else drop_fraction_at(self.step, self.total_steps, self.config)
