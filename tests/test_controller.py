@@ -15,7 +15,7 @@ def updates_config(**overrides) -> SDTConfig:
     return SDTConfig(**{**values, **overrides})
 
 
-def run_loop(config: SDTConfig, steps: int, poison_step: int | None = None, probe_steps=()):
+def run_loop(config: SDTConfig, steps: int, poison_step: int | None = None, probe_steps=(), poison_grad=True):
     model = get_sdt_model(tiny_gpt2(), config)
     controller = SDTController(model, config, total_steps=steps)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
@@ -25,8 +25,9 @@ def run_loop(config: SDTConfig, steps: int, poison_step: int | None = None, prob
         controller.begin_step(step)
         batch = torch.stack([data[(step * 4 + i) % len(data)]["input_ids"] for i in range(4)])
         model(input_ids=batch, labels=batch).loss.backward()
-        if step == poison_step:  # a NaN gradient; with gradient growth, in the statistics it feeds too
-            next(iter(sdt_layers(model).values())).sdt_updates.grad.fill_(float("nan"))
+        if step == poison_step:  # a NaN gradient (or only the statistics it feeds, with gradient growth)
+            if poison_grad:
+                next(iter(sdt_layers(model).values())).sdt_updates.grad.fill_(float("nan"))
             for energy in controller.grad_energy.values():
                 energy.fill_(float("nan"))
         ids_before = {name: layer.sdt_block_ids.clone() for name, layer in sdt_layers(model).items()}
@@ -155,6 +156,16 @@ def test_a_nan_gradient_at_a_selection_skips_it_with_a_warning_and_keeps_the_blo
         assert torch.equal(ids_before[name], clean_ids_before[name])
     clean_ids = {name: layer.sdt_block_ids for name, layer in sdt_layers(clean_model).items()}
     assert any(not torch.equal(clean_ids[name], clean_ids_before[name]) for name in clean_ids), "nothing to skip"
+
+
+def test_non_finite_statistics_skip_the_update_with_a_warning():
+    config = updates_config(grow_criterion="gradient")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, controller, _, _ = run_loop(config, 12, poison_step=5, poison_grad=False)
+    assert any("non-finite scores" in str(w.message) and "step 5" in str(w.message) for w in caught)
+    assert controller.skipped_updates == 1
+    assert all(torch.isfinite(layer.sdt_updates).all() for layer in sdt_layers(model).values())
 
 
 def test_resumed_controller_state_continues_identically():

@@ -157,8 +157,10 @@ class UpdatesController(SDTController):
         }
         # The updates' own gradients too: random growth takes no dense gradient that would show a NaN step.
         grads = {name: self.layers[name].sdt_updates.grad for name in energies}
-        grad_norms = {name: None if grad is None else full_tensor(grad).norm() for name, grad in grads.items()}
-        scores = {name: [energies[name], update_norms[name], grad_norms[name]] for name in energies}
+        scores = {
+            name: [energies[name], update_norms[name], None if grad is None else full_tensor(grad).norm()]
+            for name, grad in grads.items()
+        }
         if not self._all_finite(scores):
             self.grad_energy.clear()
             return
