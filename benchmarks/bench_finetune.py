@@ -37,8 +37,8 @@ from hf_sdt.schedule import target_block_counts
 
 TRAIN_FILE = "hf_sdt/data/pride_and_prejudice.txt"
 TEST_FILE = "hf_sdt/data/persuasion_excerpt.txt"
-# Step times count from here: the first steps warm up, and updates mode's first selection_steps (5) capture dense
-# gradients to choose its blocks.
+# Step times count from here: the first steps warm up, and updates mode trains nothing before its first selection
+# (after selection_steps = 5 steps; with gradient growth they also capture dense gradients).
 SETTLED = 6
 LR_GRIDS = {"full": [3e-5, 1e-4], "lora": [3e-4, 1e-3], "updates": [3e-4, 1e-3]}
 
