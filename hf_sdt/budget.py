@@ -2,12 +2,13 @@
 
 A planned run prunes with the cubic schedule from dense at step 0 to `density` at `schedule_end`, the latest end
 that keeps the receipt within the budget: the longer a run stays dense-ish, the more it learns in its first steps,
-and the more it spends. The receipt of a step at density d is (1 - s) + s c(d), where s is the share of the dense
-step's FLOPs in the targeted layers (measured on the first step, see `hf_sdt.compute`: the output layer, attention
-and untargeted layers make up 1 - s) and c(d) what the targeted layers' products cost at density d as a share of
-their dense cost, as they really run (the controller prices each layer's whole blocks on its device, so that a CPU
-layer whose blocked product does not pay counts dense; d itself by default); each drop/grow update with gradient
-growth adds a dense weight gradient of the targeted layers, s / 3.
+and the more it spends. A `dense_tail` trains dense again for the last steps, and they are paid for like the rest.
+The receipt of a step at density d is (1 - s) + s c(d), where s is the share of the dense step's FLOPs in the
+targeted layers (measured on the first step, see `hf_sdt.compute`: the output layer, attention and untargeted layers
+make up 1 - s) and c(d) what the targeted layers' products cost at density d as a share of their dense cost, as they
+really run (the controller prices each layer's whole blocks on its device, so that a CPU layer whose blocked product
+does not pay counts dense; d itself by default); each drop/grow update with gradient growth adds a dense weight
+gradient of the targeted layers, s / 3.
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ def _check_feasible(config: SDTConfig, total_steps: int, targeted_share: float, 
         )
         gradient = config.grow_criterion == "gradient"
         cost = ", each gradient-growth update adds a dense weight gradient" if gradient else ""
+        cost += f", the dense tail runs {config.dense_tail:.0%} of the steps dense" if config.dense_tail else ""
         fixes = ["use smaller blocks" if config.plans_density else "lower the density", "target more layers"]
         fixes += ["use grow_criterion='random'"] if gradient else []
+        fixes += ["shorten dense_tail"] if config.dense_tail else []
         raise ValueError(
             f"SDTConfig.compute_budget={config.compute_budget} cannot be met {at} over {total_steps} steps: the "
             f"lowest receipt is {lowest:.4f} (the layers SDT leaves dense take {1 - targeted_share:.1%} of a dense "
@@ -86,9 +89,9 @@ def _check_feasible(config: SDTConfig, total_steps: int, targeted_share: float, 
 
 
 def plan_schedule_end(config: SDTConfig, total_steps: int, targeted_share: float, step_cost=None) -> float:
-    """The latest `schedule_end` (a fraction of the steps) at which the cubic prune from dense to `config.density`
-    keeps `planned_receipt` (with `step_cost`) within `config.compute_budget`; a `ValueError` names the lowest
-    budget when none does.
+    """The latest `schedule_end` (a fraction of the steps, at most `1 - config.dense_tail`) at which the cubic prune
+    from dense to `config.density` keeps `planned_receipt` (with `step_cost`) within `config.compute_budget`; a
+    `ValueError` names the lowest budget when none does.
 
     Example:
         >>> config = SDTConfig(density=0.1, compute_budget=0.3)
@@ -102,7 +105,7 @@ def plan_schedule_end(config: SDTConfig, total_steps: int, targeted_share: float
 
     budget = config.compute_budget
     _check_feasible(config, total_steps, targeted_share, receipt(0.0))
-    low, high = 0.0, 1.0
+    low, high = 0.0, 1.0 - config.dense_tail  # the prune ends before the dense tail
     if receipt(high) <= budget:
         return high
     for _ in range(20):  # receipt(end) grows with end; 2^-20 of the steps is below one step

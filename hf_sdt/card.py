@@ -100,8 +100,9 @@ def write_model_card(
         final = "the density it plans" if config.density is None else f"{config.density:.4g}"  # before the 1st step
         densities = f"at {final}" if constant else f"{config.initial_density:.4g} -> {final}"
         budget = "" if config.compute_budget is None else f", planned for a compute budget of {config.compute_budget}"
+        tail = f", dense again for the last {config.dense_tail:g} of the steps" if config.dense_tail else ""
         schedule = (
-            f"{config.schedule} {densities}{budget}; drop/grow every {config.update_interval} steps "
+            f"{config.schedule} {densities}{budget}{tail}; drop/grow every {config.update_interval} steps "
             f"({config.prune_criterion} / {config.grow_criterion}, {config.distribution})"
         )
     card = ModelCard.from_template(

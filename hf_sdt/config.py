@@ -75,11 +75,11 @@ class SDTConfig:
             `"reference"` (masked dense matmul, the slow oracle used by tests) or `"auto"` (Triton for CUDA tensors
             when it is installed, the blocked PyTorch path otherwise).
         storage (`str`, defaults to `"auto"`):
-            How weights mode stores a layer's weight: `"compact"` keeps only the active blocks (parameters,
-            gradients and optimizer states take `density` of the dense memory, and no masking work remains);
-            `"dense"` keeps the whole weight with zeros outside the mask; `"auto"` is compact whenever the number
-            of blocks of each layer is fixed, i.e. with `schedule="constant"` and the `uniform` or `erk`
-            distribution (a gradual schedule prunes, the `global` distribution moves blocks between layers: both
+            How weights mode stores a layer's weight: `"compact"` keeps only the active blocks (parameters, gradients
+            and optimizer states take `density` of the dense memory, and no masking work remains); `"dense"` keeps the
+            whole weight with zeros outside the mask; `"auto"` is compact whenever the number of blocks of each layer
+            is fixed, i.e. with `schedule="constant"`, no `dense_tail` and the `uniform` or `erk` distribution (a
+            gradual schedule prunes, a dense tail restores, the `global` distribution moves blocks between layers: all
             need dense storage). Checkpoints hold the dense weight either way. Updates mode always stores its
             trainable updates compactly.
         seed (`int`, defaults to 0):
@@ -96,6 +96,13 @@ class SDTConfig:
             Fraction of the training steps at which the density starts to fall.
         schedule_end (`float`, defaults to 0.5):
             Fraction of the training steps at which `density` is reached; the rest of training recovers at it.
+        dense_tail (`float`, defaults to 0.0):
+            Weights mode: the fraction of the training steps at the end that train the whole model dense again (a
+            dense restoration phase, as MST's and SPDF's): every pruned block comes back at zero, with a fresh
+            optimizer state, and the saved model is dense. In [0, 1), at most `1 - schedule_end`; 0 keeps the model
+            sparse to the end. With `compute_budget` the planner counts the tail's dense steps (and so plans a lower
+            density): in the byte-level pre-training benchmark a tail of 0.02 was level with none at budget 0.15 and
+            longer tails were worse (`docs/benchmarks.md`).
         update_interval (`int`, defaults to 100 in weights mode and 20 in updates mode):
             Steps between drop/grow topology updates (RigL's 100: enough steps for grown blocks to prove useful;
             SpIEL's 20 for sparse fine-tuning, whose runs are short).
@@ -189,7 +196,7 @@ class SDTConfig:
         metadata={
             "help": f"Weights-mode storage, one of {STORAGES}: 'compact' keeps only the active blocks (memory ~ "
             "density), 'dense' the whole weight; 'auto' is compact when every layer's block count is fixed "
-            "(constant schedule, uniform or erk distribution)."
+            "(constant schedule, no dense_tail, uniform or erk distribution)."
         },
     )
     seed: int = field(
@@ -208,6 +215,10 @@ class SDTConfig:
     )
     schedule_end: float = field(
         default=0.5, metadata={"help": "Fraction of training steps at which the final density is reached."}
+    )
+    dense_tail: float = field(
+        default=0.0,
+        metadata={"help": "Weights mode: fraction of the steps at the end that train dense again (0: none)."},
     )
     update_interval: int | None = field(
         default=None,
@@ -285,7 +296,7 @@ class SDTConfig:
     @property
     def fixed_block_counts(self) -> bool:
         """Whether every layer keeps the same number of active blocks throughout training (weights mode)."""
-        return self.schedule == "constant" and self.distribution != "global"
+        return self.schedule == "constant" and self.distribution != "global" and not self.dense_tail
 
     @property
     def compact_storage(self) -> bool:
@@ -330,6 +341,7 @@ class SDTConfig:
             raise ValueError(
                 f"SDTConfig.schedule_start ({self.schedule_start}) must not exceed schedule_end ({self.schedule_end})."
             )
+        self._validate_dense_tail()
         for name in ("update_interval", "selection_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -337,8 +349,9 @@ class SDTConfig:
         if self.storage == "compact" and self.mode == "weights" and not self.fixed_block_counts:
             raise ValueError(
                 "SDTConfig.storage='compact' keeps a fixed number of blocks per layer, but "
-                f"schedule={self.schedule!r} with distribution={self.distribution!r} changes it: use "
-                "schedule='constant' with the 'uniform' or 'erk' distribution, or storage='auto' (dense here)."
+                f"schedule={self.schedule!r} with distribution={self.distribution!r} and dense_tail={self.dense_tail} "
+                "changes it: use schedule='constant' with the 'uniform' or 'erk' distribution and no dense_tail, or "
+                "storage='auto' (dense here)."
             )
         if self.compute_budget is not None:
             self._validate_compute_budget()
@@ -363,6 +376,23 @@ class SDTConfig:
                     raise ValueError(f"SDTConfig.{name} is not a valid regular expression: {err}.") from err
             elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise ValueError(f"SDTConfig.{name} must be a list of strings or a regex string, got {value!r}.")
+
+    def _validate_dense_tail(self) -> None:
+        if not (_is_number(self.dense_tail) and 0 <= self.dense_tail < 1):
+            raise ValueError(
+                f"SDTConfig.dense_tail must be in [0, 1) (the fraction of the steps at the end that train dense), got "
+                f"{self.dense_tail!r}."
+            )
+        if self.dense_tail and self.mode != "weights":
+            raise ValueError(
+                "SDTConfig.dense_tail restores weights mode's pruned blocks; updates mode keeps its pretrained "
+                "weights dense already. Remove dense_tail (or train all weights: full fine-tuning)."
+            )
+        if self.dense_tail and self.schedule != "constant" and self.schedule_end > 1 - self.dense_tail:
+            raise ValueError(
+                f"SDTConfig.schedule_end ({self.schedule_end}) must not exceed 1 - dense_tail "
+                f"({1 - self.dense_tail:g}): the prune must end before the dense tail starts. Lower one of them."
+            )
 
     def _validate_compute_budget(self) -> None:
         if not (_is_number(self.compute_budget) and 0 < self.compute_budget <= 1):

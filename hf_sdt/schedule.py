@@ -12,19 +12,35 @@ def density_at(step: int, total_steps: int, config: SDTConfig) -> float:
     """Target density at optimizer step `step` (0-based) of `total_steps`.
 
     `"cubic"` is Zhu & Gupta's d(t) = d_f + (d_i - d_f) (1 - p)^3 with p the progress through
-    [schedule_start, schedule_end]; `"linear"` uses (1 - p); `"constant"` is `density` throughout.
+    [schedule_start, schedule_end]; `"linear"` uses (1 - p); `"constant"` is `density` throughout. The steps of
+    the `dense_tail` are at density 1.
 
     Example:
         >>> config = SDTConfig(density=0.25, initial_density=1.0, schedule="linear", schedule_end=0.5)
         >>> [density_at(step, 100, config) for step in (0, 25, 50, 99)]
         [1.0, 0.625, 0.25, 0.25]
+        >>> density_at(99, 100, SDTConfig(density=0.25, dense_tail=0.1))
+        1.0
     """
+    if in_dense_tail(step, total_steps, config):
+        return 1.0
     if config.schedule == "constant":
         return config.density
     start, end = config.schedule_start * total_steps, config.schedule_end * total_steps
     progress = 1.0 if end <= start else min(max((step - start) / (end - start), 0.0), 1.0)
     power = 3 if config.schedule == "cubic" else 1
     return config.density + (config.initial_density - config.density) * (1 - progress) ** power
+
+
+def in_dense_tail(step: int, total_steps: int, config: SDTConfig) -> bool:
+    """Whether step `step` is in the last `dense_tail` of the steps, which train dense.
+
+    Example:
+        >>> config = SDTConfig(dense_tail=0.1)
+        >>> [step for step in range(100) if in_dense_tail(step, 100, config)][:2]
+        [90, 91]
+    """
+    return config.dense_tail > 0 and step >= (1 - config.dense_tail) * total_steps
 
 
 def initial_density(config: SDTConfig) -> float:
@@ -36,14 +52,16 @@ def initial_density(config: SDTConfig) -> float:
 
 
 def is_update_step(step: int, total_steps: int, config: SDTConfig) -> bool:
-    """Whether optimizer step `step` ends with a drop/grow update: every `update_interval` steps, before `update_end`.
+    """Whether optimizer step `step` ends with a drop/grow update: every `update_interval` steps, before `update_end`
+    and before the dense tail (where every block is active).
 
     Example:
         >>> config = SDTConfig(update_interval=10, update_end=0.5)
         >>> [step for step in range(100) if is_update_step(step, 100, config)]
         [10, 20, 30, 40]
     """
-    return step > 0 and step % config.update_interval == 0 and step < config.update_end * total_steps
+    before_end = step < config.update_end * total_steps and not in_dense_tail(step, total_steps, config)
+    return step > 0 and step % config.update_interval == 0 and before_end
 
 
 def drop_fraction_at(step: int, total_steps: int, config: SDTConfig) -> float:

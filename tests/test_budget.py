@@ -37,6 +37,30 @@ def test_a_budget_that_cannot_be_met_names_the_lowest_one():
         plan_schedule_end(config, 100, targeted_share=0.8)
 
 
+@pytest.mark.parametrize("density", [0.1, None])
+def test_the_plan_pays_for_the_dense_tail(density):
+    """The tail's dense steps come out of the budget: the prune ends earlier (and, planned, the density is lower)
+    than without the tail, before the tail starts, and the receipt stays within the budget."""
+    config = SDTConfig(density=density, compute_budget=0.3, dense_tail=0.05, update_interval=10)
+    no_tail = dataclasses.replace(config, dense_tail=0.0)
+    if density is None:
+        density = plan_density(config, 200, targeted_share=0.95)
+        assert density < plan_density(no_tail, 200, targeted_share=0.95)
+        config, no_tail = (dataclasses.replace(c, density=density) for c in (config, no_tail))
+    end = plan_schedule_end(config, 200, targeted_share=0.95)
+    assert end < plan_schedule_end(no_tail, 200, targeted_share=0.95) and end <= 0.95
+    planned = dataclasses.replace(config, schedule_end=end)
+    assert 0.29 < planned_receipt(planned, 200, 0.95) <= 0.3
+    densities = [density_at(step, 200, planned) for step in range(200)]
+    assert densities[190:] == [1.0] * 10 and densities[189] == pytest.approx(density)
+
+
+def test_a_dense_tail_the_budget_cannot_pay_for_says_so():
+    config = SDTConfig(density=0.1, compute_budget=0.2, dense_tail=0.2)
+    with pytest.raises(ValueError, match=r"the dense tail runs 20% of the steps dense\)\..* or shorten dense_tail\.$"):
+        plan_schedule_end(config, 100, targeted_share=0.9)
+
+
 @pytest.mark.parametrize("steps", [50, 1000])
 @pytest.mark.parametrize("budget", [0.2, 0.45])
 def test_planned_density_is_the_highest_the_budget_affords(steps, budget):
@@ -104,24 +128,24 @@ def run(controller, model, steps, optimizer):
         controller.after_optimizer_step()
 
 
-def budget_config(density):
-    return SDTConfig(density=density, block_size=16, compute_budget=0.45, update_interval=10)
+def budget_config(density, dense_tail=0.0):
+    return SDTConfig(density=density, block_size=16, compute_budget=0.45, update_interval=10, dense_tail=dense_tail)
 
 
-def budgeted_run(density):
+def budgeted_run(density, dense_tail=0.0):
     """(model, controller, optimizer) of a 40-step run of the test GPT-2 at compute budget 0.45."""
-    config = budget_config(density)
+    config = budget_config(density, dense_tail)
     torch.manual_seed(0)
     model = get_sdt_model(gpt2(tied=False), config)
     return model, SDTController(model, config, total_steps=40), torch.optim.SGD(model.parameters(), lr=1e-3)
 
 
-@pytest.mark.parametrize("density", [0.25, None])
-def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path, density):
+@pytest.mark.parametrize(("density", "dense_tail"), [(0.25, 0.0), (None, 0.0), (None, 0.1)])
+def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path, density, dense_tail):
     """A run with a budget ends with its receipt at most at the budget and within a step's worth of it; resumed
     midway, it continues on the same plan, identically. Without a density the controller plans it too, and the
-    model's stored config (what a checkpoint saves) says which."""
-    model, controller, optimizer = budgeted_run(density)
+    model's stored config (what a checkpoint saves) says which. A dense tail is paid for, and ends dense."""
+    model, controller, optimizer = budgeted_run(density, dense_tail)
     run(controller, model, range(40), optimizer)
     end = controller.planned_schedule_end
     assert (0 < end < 1) if density else (end <= 2 / 40), "the highest density the budget affords is reached at once"
@@ -131,16 +155,16 @@ def test_controller_plans_the_budget_and_resumes_the_plan(force_blocked_path, de
     assert model.config.sdt_config["density"] == (density or planned)
     assert model.config.sdt_config["schedule_end"] == controller.planned_schedule_end
     metrics = controller.metrics()
-    assert metrics["sdt/density"] == pytest.approx(density or planned, abs=0.05)
+    assert metrics["sdt/density"] == (1.0 if dense_tail else pytest.approx(density or planned, abs=0.05))
     assert (metrics["sdt/planned_density"], metrics["sdt/planned_schedule_end"]) == (
         density or planned,
         controller.planned_schedule_end,
     )
 
-    resumed_model, first, resumed_optimizer = budgeted_run(density)
+    resumed_model, first, resumed_optimizer = budgeted_run(density, dense_tail)
     run(first, resumed_model, range(15), resumed_optimizer)
     state = first.state_dict()
-    second = SDTController(resumed_model, budget_config(density), total_steps=40)
+    second = SDTController(resumed_model, budget_config(density, dense_tail), total_steps=40)
     second.load_state_dict(state)
     assert (second.config.schedule_end, second.config.density) == (controller.planned_schedule_end, density or planned)
     run(second, resumed_model, range(15, 40), resumed_optimizer)

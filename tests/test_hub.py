@@ -148,6 +148,10 @@ def test_card_says_what_a_compute_budget_planned(tmp_path):
     model.config.sdt_config.update(density=0.1234567, schedule_end=0.01)  # as the controller's plan writes it
     sdt_card.write_model_card(model, tmp_path / "after")
     assert "cubic 1 -> 0.1235, planned for a compute budget of 0.4;" in (tmp_path / "after" / "README.md").read_text()
+    model.config.sdt_config.update(dense_tail=0.05)
+    sdt_card.write_model_card(model, tmp_path / "tail")
+    tail = "budget of 0.4, dense again for the last 0.05 of the steps;"
+    assert tail in (tmp_path / "tail" / "README.md").read_text()
 
 
 def test_push_and_load_through_the_hub(hub_server):

@@ -8,6 +8,7 @@ from hf_sdt.schedule import (
     density_at,
     drop_fraction_at,
     erk_densities,
+    in_dense_tail,
     initial_density,
     is_update_step,
     target_block_counts,
@@ -38,6 +39,33 @@ def test_update_steps_and_cosine_drop_fraction():
     assert drop_fraction_at(75, 100, config) == 0.0
     fractions = [drop_fraction_at(s, 100, config) for s in range(75)]
     assert all(a >= b for a, b in itertools.pairwise(fractions))
+
+
+@pytest.mark.parametrize("schedule", ["cubic", "constant"])
+def test_the_dense_tail_trains_dense_and_updates_nothing(schedule):
+    config = SDTConfig(density=0.1, schedule=schedule, dense_tail=0.25, update_interval=10, update_end=1.0)
+    tail = [step for step in range(100) if in_dense_tail(step, 100, config)]
+    assert tail == list(range(75, 100))
+    assert [density_at(step, 100, config) for step in (74, 75, 99)] == [pytest.approx(0.1), 1.0, 1.0]
+    assert [s for s in range(100) if is_update_step(s, 100, config)] == [10, 20, 30, 40, 50, 60, 70]
+    assert not config.fixed_block_counts and not config.compact_storage, "the tail changes the block counts"
+    assert not any(in_dense_tail(step, 100, SDTConfig()) for step in range(100))
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        ({"dense_tail": 1.0}, r"dense_tail must be in \[0, 1\)"),
+        ({"dense_tail": -0.1}, r"dense_tail must be in \[0, 1\)"),
+        ({"dense_tail": "0.1"}, r"dense_tail must be in \[0, 1\)"),
+        ({"dense_tail": 0.6}, r"schedule_end \(0\.5\) must not exceed 1 - dense_tail \(0\.4\)"),
+        ({"dense_tail": 0.1, "mode": "updates"}, "updates mode keeps its pretrained weights"),
+        ({"dense_tail": 0.1, "schedule": "constant", "storage": "compact"}, "no dense_tail"),
+    ],
+)
+def test_bad_dense_tails_say_what_to_change(fields, match):
+    with pytest.raises(ValueError, match=match):
+        SDTConfig(**fields)
 
 
 def test_uniform_counts_are_exact():

@@ -121,9 +121,12 @@ def test_resumed_run_ends_like_an_uninterrupted_one(tmp_path, mode, steps, save_
     assert resumed.sdt_callback.controller.steps_done == steps
 
 
-def run_plain_loop(config: SDTConfig, steps: int, poison_step: int | None = None, compile_backend=None):
-    """A plain PyTorch loop with the controller (the model compiled with `compile_backend` if given); returns the
-    model, controller, optimizer, per-step layer counts and per-step churn."""
+def run_plain_loop(
+    config: SDTConfig, steps: int, poison_step: int | None = None, compile_backend=None, after_topology=None
+):
+    """A plain PyTorch loop with the controller (the model compiled with `compile_backend` if given), calling
+    `after_topology(step, model, optimizer, masks_before)` between the controller's topology change and the
+    optimizer step; returns the model, controller, optimizer, per-step layer counts and per-step churn."""
     model = get_sdt_model(tiny_gpt2(), config)
     forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     controller = SDTController(model, config, total_steps=steps)
@@ -136,7 +139,10 @@ def run_plain_loop(config: SDTConfig, steps: int, poison_step: int | None = None
         forward(input_ids=batch, labels=batch).loss.backward()
         if step == poison_step:
             next(iter(sdt_layers(model).values())).weight_parameter.grad.fill_(float("nan"))
+        masks_before = {name: layer.sdt_mask.clone() for name, layer in sdt_layers(model).items()}
         controller.before_optimizer_step(optimizer)
+        if after_topology is not None:
+            after_topology(step, model, optimizer, masks_before)
         if step == poison_step:
             optimizer.zero_grad()  # keep the NaN out of the weights: the test is about the scores
         optimizer.step()
@@ -168,6 +174,35 @@ def test_controller_criteria_and_distributions(overrides):
             assert step_counts == target_block_counts(shapes, config.block_shape, density, config.distribution)
     assert max(churns) > 0
     assert_zero_outside_masks(model, optimizer)
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "global"])
+def test_the_dense_tail_grows_every_block_back_at_zero_with_a_fresh_optimizer_state(distribution):
+    """The last quarter of the steps (15 to 19) trains dense: at step 15 every block becomes active, those pruned
+    before start at zero with no gradient or optimizer state, and by the end they have trained."""
+    config = make_config(dense_tail=0.25, distribution=distribution)
+    restored = {}
+
+    def check_restoration(step, model, optimizer, masks_before):
+        for name, layer in sdt_layers(model).items():
+            if step >= 8:  # the prune from dense ends at schedule_end = 0.4
+                assert bool(layer.sdt_mask.all()) == (step >= 15), (name, step)
+            if step == 15:
+                pruned = ~layer.storage_element_mask(masks_before[name])
+                assert pruned.any(), name
+                state = optimizer.state[layer.weight]
+                for value in (layer.weight, layer.weight.grad, state["exp_avg"], state["exp_avg_sq"]):
+                    assert (value[pruned] == 0).all(), name
+                restored[name] = pruned
+
+    model, controller, _, counts, _ = run_plain_loop(config, 20, after_topology=check_restoration)
+    blocks = [layer.sdt_mask.numel() for layer in sdt_layers(model).values()]
+    assert counts[14] != blocks and counts[15:] == [blocks] * 5
+    assert len(restored) == len(blocks)
+    for name, layer in sdt_layers(model).items():
+        assert (layer.weight[restored[name]] != 0).float().mean() > 0.9, f"{name}: restored weights trained"
+    metrics = controller.metrics()
+    assert metrics["sdt/density"] == 1.0 and metrics["sdt/linear_flops_ratio"] == 1.0
 
 
 def test_non_finite_scores_skip_the_update_and_training_goes_on():

@@ -30,7 +30,8 @@ from .base import (
 
 class WeightsController(SDTController):
     """Weights mode: prunes to the density schedule and, every `update_interval` steps until `update_end`, drops the
-    lowest-scoring active blocks and grows the most promising ones (RigL); inactive weights stay exactly zero."""
+    lowest-scoring active blocks and grows the most promising ones (RigL); inactive weights stay exactly zero. A
+    `dense_tail` grows every block back (at zero) for the last steps."""
 
     mode = "weights"
     layer_class = SDTLinear
@@ -208,11 +209,13 @@ class WeightsController(SDTController):
         """Per-layer target counts at `density`, recomputed only when the density changes."""
         if density != self._target_density:
             self._target_density = density
-            if self.config.distribution == "global":
+            distribution = self.config.distribution
+            if distribution == "global" and density < 1:
                 self._counts = self._global_counts(density)
-            else:
+            else:  # at density 1 (the dense tail) every distribution has every block
                 shapes = [(layer.out_features, layer.in_features) for layer in self.layers.values()]
-                self._counts = target_block_counts(shapes, self.config.block_shape, density, self.config.distribution)
+                uniform_or_erk = "uniform" if distribution == "global" else distribution
+                self._counts = target_block_counts(shapes, self.config.block_shape, density, uniform_or_erk)
         return self._counts
 
     def _global_counts(self, density: float) -> list[int]:
@@ -288,7 +291,9 @@ class WeightsController(SDTController):
             mask = layer.sdt_mask
             if prune and self._active_counts[index] > count:
                 mask = keep_top(mask, scores, count, self.generator)
-            active = min(count, self._active_counts[index])
+            elif count > self._active_counts[index]:  # only the dense tail raises a count: every block comes back
+                mask = torch.ones_like(mask)
+            active = count
             if drop_grow:
                 mask, _, _ = drop_and_grow(mask, scores, grow, round(fraction * active), self.generator)
             mask = _rank_zero_decision(mask.to(torch.uint8)).bool()
