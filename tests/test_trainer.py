@@ -125,8 +125,8 @@ def run_plain_loop(
     config: SDTConfig, steps: int, poison_step: int | None = None, compile_backend=None, after_topology=None
 ):
     """A plain PyTorch loop with the controller (the model compiled with `compile_backend` if given), calling
-    `after_topology(step, model, optimizer, masks_before)` between the controller's topology change and the
-    optimizer step; returns the model, controller, optimizer, per-step layer counts and per-step churn."""
+    `after_topology(step, model, optimizer, masks_before)` (weights mode) between the controller's topology change
+    and the optimizer step; returns the model, controller, optimizer, per-step layer counts and per-step churn."""
     model = get_sdt_model(tiny_gpt2(), config)
     forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     controller = SDTController(model, config, total_steps=steps)
@@ -139,7 +139,8 @@ def run_plain_loop(
         forward(input_ids=batch, labels=batch).loss.backward()
         if step == poison_step:
             next(iter(sdt_layers(model).values())).weight_parameter.grad.fill_(float("nan"))
-        masks_before = {name: layer.sdt_mask.clone() for name, layer in sdt_layers(model).items()}
+        if after_topology is not None:
+            masks_before = {name: layer.sdt_mask.clone() for name, layer in sdt_layers(model).items()}
         controller.before_optimizer_step(optimizer)
         if after_topology is not None:
             after_topology(step, model, optimizer, masks_before)
