@@ -163,8 +163,6 @@ class WeightsController(SDTController):
         index = {id(layer): i for i, layer in enumerate(layers)}
         calls = [(index[id(layer)], *sizes) for layer, *sizes in self.compute.sdt_layer_calls()]
         dense = self.compute.targeted_dense_flops()
-        shapes = [(layer.out_features, layer.in_features) for layer in layers]
-        distribution = "uniform" if self.config.distribution == "global" else self.config.distribution
 
         @functools.cache
         def layer_cost(i: int, count: int, tokens: int, need_x: bool, backward: bool) -> int:
@@ -172,7 +170,7 @@ class WeightsController(SDTController):
 
         @functools.cache
         def step_cost(density: float) -> float:
-            counts = target_block_counts(shapes, self.config.block_shape, density, distribution)
+            counts = self._fixed_counts(density)
             return sum(layer_cost(i, counts[i], *sizes) for i, *sizes in calls) / dense
 
         return step_cost
@@ -209,14 +207,18 @@ class WeightsController(SDTController):
         """Per-layer target counts at `density`, recomputed only when the density changes."""
         if density != self._target_density:
             self._target_density = density
-            distribution = self.config.distribution
-            if distribution == "global" and density < 1:
+            if self.config.distribution == "global" and density < 1:
                 self._counts = self._global_counts(density)
             else:  # at density 1 (the dense tail) every distribution has every block
-                shapes = [(layer.out_features, layer.in_features) for layer in self.layers.values()]
-                uniform_or_erk = "uniform" if distribution == "global" else distribution
-                self._counts = target_block_counts(shapes, self.config.block_shape, density, uniform_or_erk)
+                self._counts = self._fixed_counts(density)
         return self._counts
+
+    def _fixed_counts(self, density: float) -> list[int]:
+        """Per-layer counts at `density` by the uniform or ERK rule; the global distribution gets uniform ones (its
+        own per-layer counts follow the scores, about the same total: the planner prices it so)."""
+        shapes = [(layer.out_features, layer.in_features) for layer in self.layers.values()]
+        distribution = "uniform" if self.config.distribution == "global" else self.config.distribution
+        return target_block_counts(shapes, self.config.block_shape, density, distribution)
 
     def _global_counts(self, density: float) -> list[int]:
         layers = list(self.layers.values())
