@@ -15,9 +15,12 @@ import os
 
 import torch
 from torch import nn
+from torch.utils.data import BatchSampler
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import has_length
 
+from .budget import epoch_step_sizes
 from .config import SDTConfig
 from .controller import SDTController
 from .model import get_sdt_model, sdt_layers, unused_trainable_parameters
@@ -25,6 +28,22 @@ from .model import get_sdt_model, sdt_layers, unused_trainable_parameters
 logger = logging.getLogger(__name__)
 
 SDT_STATE_NAME = "sdt_state.pt"
+
+
+def _epoch_step_sizes(train_dataloader, args, max_steps: int) -> list[int] | None:
+    """The sequences of each of Trainer's steps on one process, read off its data loader (`hf_sdt.budget.
+    epoch_step_sizes`), so that a compute budget is planned for the epoch's smaller last batch too; None (equal steps)
+    where they cannot be known: no length, several processes (accelerate then evens the batches out), or a batch
+    sampler of another kind."""
+    batch_sampler = getattr(train_dataloader, "batch_sampler", None)
+    if args.world_size != 1 or type(batch_sampler) is not BatchSampler or not has_length(batch_sampler.sampler):
+        return None
+    if len(batch_sampler) == 0 or len(batch_sampler) != len(train_dataloader):
+        return None
+    return epoch_step_sizes(
+        len(batch_sampler.sampler), batch_sampler.batch_size, batch_sampler.drop_last,
+        args.gradient_accumulation_steps, max_steps,
+    )  # fmt: skip
 
 
 class SDTCallback(TrainerCallback):
@@ -35,8 +54,9 @@ class SDTCallback(TrainerCallback):
         self.controller: SDTController | None = None
         self.pending_state: dict | None = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.controller = self.controller_factory(model, state.max_steps)
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        step_sizes = _epoch_step_sizes(train_dataloader, args, state.max_steps)
+        self.controller = self.controller_factory(model, state.max_steps, step_sizes)
         if self.pending_state is not None:
             self.controller.load_state_dict(self.pending_state)
             self.pending_state = None
@@ -94,7 +114,9 @@ class SDTTrainerMixin:
                 "backward, before SDT's topology update can read them. Use FSDP2 (accelerate launch --config_file "
                 "recipes/accelerate/fsdp2.yaml), DDP (accelerate launch --multi_gpu) or a single GPU."
             )
-        self.sdt_callback = SDTCallback(lambda model, steps: SDTController(model, self.sdt_config, steps))
+        self.sdt_callback = SDTCallback(
+            lambda model, steps, step_sizes: SDTController(model, self.sdt_config, steps, step_sizes)
+        )
         self.add_callback(self.sdt_callback)
 
     def _build_accelerator_args(self, **kwargs) -> dict:

@@ -6,7 +6,7 @@ import torch
 from test_compute import gpt2, training_loss
 
 from hf_sdt import SDTConfig, SDTController, get_sdt_model
-from hf_sdt.budget import plan_density, plan_schedule_end, planned_receipt
+from hf_sdt.budget import epoch_step_sizes, plan_density, plan_schedule_end, planned_receipt
 from hf_sdt.model import sdt_layers
 from hf_sdt.schedule import density_at
 
@@ -29,6 +29,33 @@ def test_receipt_grows_with_the_end_of_the_prune():
     config = SDTConfig(density=0.1, compute_budget=0.5)
     receipts = [planned_receipt(dataclasses.replace(config, schedule_end=end), 100, 0.9) for end in (0, 0.2, 0.5, 1)]
     assert receipts == sorted(receipts) and receipts[0] == pytest.approx((1 + 99 * 0.19) / 100)
+
+
+@pytest.mark.parametrize(
+    ("samples", "batch", "drop_last", "accumulation", "expected"),
+    [
+        (20, 8, False, 1, [8, 8, 4, 8, 8, 4, 8]),
+        (20, 8, True, 1, [8, 8, 8, 8, 8, 8, 8]),
+        (52, 8, False, 2, [16, 16, 16, 4, 16, 16, 16]),
+        (40, 8, False, 2, [16, 16, 8, 16, 16, 8, 16]),  # 5 batches: the epoch's last step takes the fifth
+    ],
+)
+def test_epoch_step_sizes_follow_the_trainer_epochs(samples, batch, drop_last, accumulation, expected):
+    assert epoch_step_sizes(samples, batch, drop_last, accumulation, total_steps=7) == expected
+
+
+def test_the_plan_weighs_unequal_steps_as_the_receipt_does():
+    """A small step in the sparse phase weighs less, which raises the receipt: planned as equal steps, the run
+    would end above the budget; planned with the sizes, it ends within it (and equal sizes change nothing)."""
+    config = SDTConfig(density=0.1, compute_budget=0.3, update_interval=10)
+    sizes = epoch_step_sizes(70, 16, drop_last=False, accumulation=1, total_steps=100)  # every 5th step takes 6
+    assert planned_receipt(config, 100, 0.95, step_sizes=[3.0] * 100) == pytest.approx(
+        planned_receipt(config, 100, 0.95)
+    )
+    as_equal = dataclasses.replace(config, schedule_end=plan_schedule_end(config, 100, 0.95))
+    assert planned_receipt(as_equal, 100, 0.95, step_sizes=sizes) > 0.3
+    end = plan_schedule_end(config, 100, 0.95, step_sizes=sizes)
+    assert 0.29 < planned_receipt(dataclasses.replace(config, schedule_end=end), 100, 0.95, step_sizes=sizes) <= 0.3
 
 
 def test_a_budget_that_cannot_be_met_names_the_lowest_one():

@@ -194,6 +194,20 @@ def test_a_controller_of_the_wrong_mode_is_refused():
         SDTController(model, updates_config(), total_steps=4)
 
 
+@pytest.mark.parametrize(
+    ("step_sizes", "match"),
+    [
+        ([16, 16, 16], r"\(4 steps\), got 3 values"),
+        ([16, 0, 16, 16], "got 0.0 at step 1"),
+        ([16, 8, 1, float("nan")], "got nan at step 3"),
+    ],
+)
+def test_step_sizes_of_the_wrong_length_or_not_positive_are_refused(step_sizes, match):
+    model = get_sdt_model(tiny_gpt2(), SDTConfig(block_size=16))
+    with pytest.raises(ValueError, match=f"one positive, finite size per training step .*{match}"):
+        SDTController(model, SDTConfig(block_size=16), total_steps=4, step_sizes=step_sizes)
+
+
 def test_with_gradient_growth_a_layer_no_gradient_reaches_keeps_its_blocks_with_a_warning():
     config = updates_config(grow_criterion="gradient")
     model = get_sdt_model(tiny_gpt2(), config)

@@ -414,22 +414,44 @@ def test_updates_mode_learns_a_tiny_classification_task_at_the_documented_rate(t
     assert accuracy >= 0.7, f"updates mode learned too little: {accuracy:.1%} (chance 50%)"
 
 
+class SequencesPerStep(TrainerCallback):
+    """The sequences each optimizer step's forwards took (all its micro-batches)."""
+
+    def __init__(self, model):
+        self.sizes, self.seen = [], 0
+        model.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        if module.training:
+            self.seen += len(kwargs["input_ids"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sizes.append(self.seen)
+        self.seen = 0
+
+
 @pytest.mark.parametrize("density", [0.25, None])
 def test_sdt_trainer_spends_at_most_its_compute_budget(tmp_path, force_blocked_path, density):
-    """`SDTConfig(compute_budget=...)` under SDTTrainer (gradient accumulation: a step is two micro-batches): the
-    logged receipt ends at most at the budget, and close to it. Without a density, the planned one is what the saved
-    model says and loads with."""
-    config = make_config(compute_budget=0.5, schedule_end=0.5, density=density)
+    """`SDTConfig(compute_budget=...)` under SDTTrainer (gradient accumulation: a step is two micro-batches; 52
+    sequences in batches of 8, so that each epoch's last step takes 4 of them): the planner weighs the steps as
+    Trainer runs them (planned as if equal, the run at density 0.25 ended at 0.561), and the logged receipt ends at
+    most at the budget,
+    and close to it. Without a density, the planned one is what the saved model says and loads with."""
+    config = make_config(compute_budget=0.55, schedule_end=0.5, density=density)
+    model = tiny_gpt2()
+    sequences = SequencesPerStep(model)
     trainer = SDTTrainer(
-        model=tiny_gpt2(),
+        model=model,
         args=training_args(tmp_path, max_steps=20, gradient_accumulation_steps=2),
-        train_dataset=ByteChunks(),
+        train_dataset=ByteChunks(hf_sdt.demo_data.novel_excerpt()[: 52 * 64]),
         sdt_config=config,
+        callbacks=[sequences],
     )
     trainer.train()
-    receipt = [entry["sdt/train_flops_ratio"] for entry in trainer.state.log_history if "sdt/density" in entry]
-    assert 0.48 < receipt[-1] <= 0.5
     controller = trainer.sdt_callback.controller
+    assert list(controller.step_sizes) == sequences.sizes == [16, 16, 16, 4] * 5
+    receipt = [entry["sdt/train_flops_ratio"] for entry in trainer.state.log_history if "sdt/density" in entry]
+    assert 0.53 < receipt[-1] <= 0.55
     assert controller.planned_schedule_end < 0.5
     if density is None:
         trainer.save_model(tmp_path / "saved")

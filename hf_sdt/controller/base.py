@@ -13,8 +13,10 @@ import `Trainer`, and take the same three calls per optimizer step:
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -115,6 +117,21 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, parameter: nn
             zero_at_(value, where)  # the local shard of each, under FSDP2
 
 
+def _checked_step_sizes(step_sizes: Sequence[float] | None, total_steps: int) -> tuple[float, ...] | None:
+    if step_sizes is None:
+        return None
+    sizes = tuple(float(size) for size in step_sizes)
+    wrong = [(step, size) for step, size in enumerate(sizes) if not (math.isfinite(size) and size > 0)]
+    if len(sizes) != total_steps or wrong:
+        found = f"{wrong[0][1]} at step {wrong[0][0]}" if wrong else f"{len(sizes)} values"
+        raise ValueError(
+            f"SDTController's step_sizes must hold one positive, finite size per training step ({total_steps} "
+            f"steps), got {found}. Pass the sequences (or tokens) of each step, or leave step_sizes out for steps of "
+            "equal size."
+        )
+    return sizes
+
+
 class SDTController:
     """Runs SDT's schedule and topology updates on a model converted by `get_sdt_model`, in any training loop.
 
@@ -122,7 +139,9 @@ class SDTController:
     an `UpdatesController`). Call `begin_step(step)` before the step's forward passes,
     `before_optimizer_step(optimizer)` once the gradients are complete (and synchronised, under DDP), and
     `after_optimizer_step()` after `optimizer.step()`. `metrics()` gives what `SDTTrainer` logs; `state_dict()` and
-    `load_state_dict()` resume exactly.
+    `load_state_dict()` resume exactly. `step_sizes` (optional, one per step: its sequences or tokens) lets a
+    compute budget's planner weigh the steps as the receipt will, when they differ in size (`SDTTrainer` passes the
+    epochs' batch sizes, see `hf_sdt.budget.epoch_step_sizes`); without it the steps are taken to be equal.
 
     Example:
         >>> from transformers import GPT2Config, GPT2LMHeadModel
@@ -150,12 +169,14 @@ class SDTController:
         super().__init_subclass__(**kwargs)
         SDTController._by_mode[cls.mode] = cls
 
-    def __new__(cls, model: nn.Module, config: SDTConfig, total_steps: int):
+    def __new__(cls, model: nn.Module, config: SDTConfig, total_steps: int, step_sizes: Sequence[float] | None = None):
         if cls is SDTController:
             cls = SDTController._by_mode[config.mode]
         return super().__new__(cls)
 
-    def __init__(self, model: nn.Module, config: SDTConfig, total_steps: int):
+    def __init__(
+        self, model: nn.Module, config: SDTConfig, total_steps: int, step_sizes: Sequence[float] | None = None
+    ):
         self.layers = sdt_layers(model)
         if not self.layers:
             raise ValueError("The model has no SDT layers; convert it with hf_sdt.get_sdt_model(model, config).")
@@ -169,6 +190,7 @@ class SDTController:
         mark_controlled(self.layers.values())
         self.config = config
         self.total_steps = max(1, total_steps)
+        self.step_sizes = _checked_step_sizes(step_sizes, self.total_steps)
         self.step = 0
         self.generator = torch.Generator().manual_seed(config.seed)
         self.flops_ratio_sum = 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,8 +50,10 @@ class UpdatesController(SDTController):
     layer_class = SDTUpdateLinear
     topology_name = "sdt_block_ids"
 
-    def __init__(self, model: nn.Module, config: SDTConfig, total_steps: int):
-        super().__init__(model, config, total_steps)
+    def __init__(
+        self, model: nn.Module, config: SDTConfig, total_steps: int, step_sizes: Sequence[float] | None = None
+    ):
+        super().__init__(model, config, total_steps, step_sizes)
         self.grad_energy: dict[str, torch.Tensor] = {}  # layer -> (block-rows, block-cols) fp32
         self._warned_unused = False
         self._flops_ratio = self._step_flops_ratio = self._linear_flops()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -37,8 +38,10 @@ class WeightsController(SDTController):
     layer_class = SDTLinear
     topology_name = "sdt_mask"
 
-    def __init__(self, model: nn.Module, config: SDTConfig, total_steps: int):
-        super().__init__(model, config, total_steps)
+    def __init__(
+        self, model: nn.Module, config: SDTConfig, total_steps: int, step_sizes: Sequence[float] | None = None
+    ):
+        super().__init__(model, config, total_steps, step_sizes)
         self.taylor: dict[str, torch.Tensor] = {}  # layer -> (block-rows, block-cols) sums of |w * g|
         self.dense_grads: dict[str, torch.Tensor] = {}  # layer -> (out, in) fp32, summed over micro-batches
         self.input_sq_norms: dict[str, torch.Tensor] = {}  # layer -> (in,) fp32 squared input-feature norms
@@ -149,8 +152,9 @@ class WeightsController(SDTController):
         step_costs = self._step_costs()
         config = self.config
         if config.plans_density:
-            config = dataclasses.replace(config, density=plan_density(config, self.total_steps, share, step_costs))
-        end = plan_schedule_end(config, self.total_steps, share, step_costs)
+            density = plan_density(config, self.total_steps, share, step_costs, self.step_sizes)
+            config = dataclasses.replace(config, density=density)
+        end = plan_schedule_end(config, self.total_steps, share, step_costs, self.step_sizes)
         plan = torch.tensor([end, config.density], dtype=torch.float64, device=self._device())
         end, density = _rank_zero_decision(plan).tolist()
         self._use_plan(end, density if self.config.plans_density else None)
