@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 SDT_STATE_NAME = "sdt_state.pt"
 
 
-def _epoch_step_sizes(train_dataloader, args, max_steps: int) -> list[int] | None:
+def _trainer_step_sizes(train_dataloader, args, max_steps: int) -> list[int] | None:
     """The sequences of each of Trainer's steps on one process, read off its data loader (`hf_sdt.budget.
     epoch_step_sizes`), so that a compute budget is planned for the epoch's smaller last batch too; None (equal steps)
     where they cannot be known: no length, several processes (accelerate then evens the batches out), or a batch
@@ -55,7 +55,7 @@ class SDTCallback(TrainerCallback):
         self.pending_state: dict | None = None
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        step_sizes = _epoch_step_sizes(train_dataloader, args, state.max_steps)
+        step_sizes = _trainer_step_sizes(train_dataloader, args, state.max_steps)
         self.controller = self.controller_factory(model, state.max_steps, step_sizes)
         if self.pending_state is not None:
             self.controller.load_state_dict(self.pending_state)
