@@ -11,8 +11,9 @@ A probe is `NAME|dense-or-sdt|FLAGS`, the flags those of `hf-sdt train` (e.g. a 
     python benchmarks/probe_pretrain.py --n_embd 512 --log ... "dense 512 lr1.5e-3|dense|--learning_rate 1.5e-3"
 
 `--report` runs nothing: it tables rows of the logs (and of `bench_pretrain.py` reports' `.json` twins) in
-`bench_pretrain.py`'s format, the runs of every row of one name merged over seeds (so that seeds run as probes join a
-table's row), the first row named the dense reference of the gaps and compute shares:
+`bench_pretrain.py`'s format, the runs of every row of one name merged over seeds (so that seeds run as probes, or
+another report's seeds, join a table's row), the first row named the dense reference of the gaps and compute shares;
+the header names each file's setting, and `--eval_text` the held-out text of the demo's setting:
 
     python benchmarks/probe_pretrain.py --log benchmarks/results/pretrain_512_probes.jsonl --log ... \
         --report benchmarks/results/pretrain_shakespeare_bytes_512_3seeds.md --rows "dense 512 lr1.5e-3" ...
@@ -38,13 +39,18 @@ SETTING = [
 SETTING_TEXT = f"byte-level Shakespeare (the texts of pretrain_shakespeare_bytes_256.md), {shlex.join(SETTING)}"
 
 
-def logged_rows(paths: list[str]) -> list[dict]:
-    """Every row of the files: JSON lines of probes, or the `.json` twin of a `bench_pretrain.py` report."""
-    rows = []
+def logged_rows(paths: list[str]) -> tuple[list[dict], list[str]]:
+    """Every row of the files (JSON lines of probes, or the `.json` twin of a `bench_pretrain.py` report) and each
+    file's setting: a twin's own header, the probes' byte-level Shakespeare."""
+    rows, settings = [], []
     for path in paths:
         with open(path, encoding="utf-8") as handle:
-            rows += json.load(handle)["rows"] if path.endswith(".json") else [json.loads(line) for line in handle]
-    return rows
+            if path.endswith(".json"):
+                twin = json.load(handle)
+                rows, settings = rows + twin["rows"], [*settings, twin["setting"]]
+            else:
+                rows, settings = rows + [json.loads(line) for line in handle], [*settings, SETTING_TEXT]
+    return rows, settings
 
 
 def merged_row(rows: list[dict], name: str) -> dict:
@@ -64,13 +70,12 @@ def merged_row(rows: list[dict], name: str) -> dict:
 
 
 def report(args) -> None:
-    rows = logged_rows(args.log)
+    rows, settings = logged_rows(args.log)
     header = (
         f"{datetime.date.today()} | tabled from {', '.join(os.path.basename(path) for path in args.log)} | "
-        f"{SETTING_TEXT} (each row's own flags in the .json twin)"
+        f"{'; '.join(dict.fromkeys(settings))} (each row's own flags in the .json twin)"
     )
-    eval_text = os.path.basename(SETTING[SETTING.index("--validation_files") + 1])
-    write_report([merged_row(rows, name) for name in args.rows], header, eval_text, args.report)
+    write_report([merged_row(rows, name) for name in args.rows], header, args.eval_text, args.report)
 
 
 def main() -> None:
@@ -84,6 +89,11 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--report", help="write the table of the --rows of the --log files here (runs nothing)")
     parser.add_argument("--rows", nargs="+", help="with --report: the rows' names in order, the dense reference first")
+    parser.add_argument(
+        "--eval_text", default=os.path.basename(SETTING[SETTING.index("--validation_files") + 1]),
+        help="with --report: the held-out text the rows were evaluated on, as the table names it (default: the "
+        "probes' play; persuasion_excerpt.txt for the demo's setting)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.report:
         if not args.rows:
