@@ -124,10 +124,11 @@ def test_probe_report_merges_the_seeds_of_rows_of_one_name_from_probe_logs_and_a
                    "receipt_flops": 100, "dense_model_flops": 100}  # fmt: skip
         if not dense:
             metrics.update(flop_counter=15, receipt_flops=15, **{"sdt/density": 0.1, "sdt/train_flops_ratio": 0.15})
-        return {"name": name, "dense": dense, "runs": [metrics], "flags": flags, "n_embd": 256}
+        return {"name": name, "dense": dense, "runs": [metrics], "flags": flags, "n_embd": 256, "setting": "probed"}
 
     table = tmp_path / "table.json"  # a bench_pretrain.py report's twin holds seed 0; the probe log seeds 1 and 2
-    table.write_text(json.dumps({"setting": "", "rows": [row("dense", 0, 2.0), row("SDT", 0, 2.2, dense=False)]}))
+    twin_rows = [row("dense", 0, 2.0), row("SDT", 0, 2.2, dense=False)]
+    table.write_text(json.dumps({"setting": "tabled", "rows": twin_rows}))
     log = tmp_path / "probes.jsonl"
     log.write_text("".join(json.dumps(row(*args)) + "\n" for args in [("dense", 1, 2.2), ("dense", 2, 2.4),
                    ("SDT", 1, 2.4, "--learning_rate 3e-3", False), ("dense", 1, 9.9)]))  # fmt: skip
@@ -135,6 +136,7 @@ def test_probe_report_merges_the_seeds_of_rows_of_one_name_from_probe_logs_and_a
     tabled = ["--log", str(table), "--log", str(log), "--report", str(output)]
     run_script("probe_pretrain.py", *tabled, "--rows", "dense", "SDT")
     text = output.read_text()
+    assert "| tabled; probed (each row's own flags in the .json twin)" in text  # each file's setting, once
     assert "| dense | 300 | 1.000 | 2.2000 (2.0000, 2.2000, 2.4000) | +0.00% | 100.0% |" in text  # seed 1 logged first
     assert "| SDT | 300 | 0.100 | 2.3000 (2.2000, 2.4000) | +4.55% | 15.0% | 15.0% |" in text
     rates = [row("dense", seed, 2.0, f"--learning_rate {seed}e-3") for seed in (1, 3)]
