@@ -10,6 +10,7 @@ A probe is `NAME|dense-or-sdt|FLAGS`, the flags those of `hf-sdt train` (e.g. a 
         "sdt b0.15 erk|sdt|--learning_rate 3e-3 --compute_budget 0.15 --distribution erk" \
         "dense lr6e-3|dense|--learning_rate 6e-3"
     python benchmarks/probe_pretrain.py --n_embd 512 --log ... "dense 512 lr1.5e-3|dense|--learning_rate 1.5e-3"
+    python benchmarks/probe_pretrain.py --untie --log ... "out|sdt|--target_modules c_attn c_proj c_fc lm_head"
 
 `--report` runs nothing: it tables rows of the logs (and of `bench_pretrain.py` reports' `.json` twins) in
 `bench_pretrain.py`'s format, the runs of every row of one name merged over seeds (so that seeds run as probes, or
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("probes", nargs="*", metavar="NAME|dense-or-sdt|FLAGS")
     parser.add_argument("--n_embd", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--untie", action="store_true", help="untie the output layer from the input embedding")
     parser.add_argument(
         "--log", action="append", required=True,
         help="JSON lines file each probe's row is appended to (with --report: a file to table; repeatable)",
@@ -117,8 +119,10 @@ def main() -> None:
         name, kind, flags = probe.split("|")
         with tempfile.TemporaryDirectory() as folder:
             setting_flags = SETTINGS[args.setting][0]
-            row = run(name, [*setting_flags, *width, *shlex.split(flags)], [args.seed], folder, dense=kind == "dense")
+            argv = [*setting_flags, *width, *shlex.split(flags)]
+            row = run(name, argv, [args.seed], folder, dense=kind == "dense", untie=args.untie)
         row = {**row, "flags": flags, "n_embd": args.n_embd, "setting": setting_text(args.setting)}
+        row = {**row, "untie": True} if args.untie else row
         with open(args.log[0], "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         result = row["runs"][0] if row["runs"] else {}
