@@ -172,14 +172,21 @@ def compute_shares(row: dict, dense: dict) -> tuple[float, float]:
     return mean(row, "sdt/train_flops_ratio") * own_dense_run, counter
 
 
-def format_table(rows: list[dict], header: str, eval_text: str) -> list[str]:
+def format_table(rows: list[dict], header: str, eval_text: str, side_by_side: bool = True) -> list[str]:
+    """The report's table; `side_by_side=False` (rows merged from separate probes) leaves out the wall-time ratios,
+    which compare only runs measured in one invocation, on one machine under one load."""
     dense, seeds = rows[0], len(rows[0]["runs"])
+    wall_time = (
+        "wall time vs the dense run's, every run under FlopCounterMode"
+        if side_by_side
+        else "wall time not compared: the runs were separate probes, on other days and machine loads"
+    )
     lines = [
         header,
         "",
         f"Eval loss (held-out {eval_text}): mean over {seeds} seed(s){' (each in brackets)' if seeds > 1 else ''}; "
         "compute is the whole model's training FLOPs vs the dense run, by the receipt's formula and by "
-        "FlopCounterMode; wall time vs the dense run's, every run under FlopCounterMode.",
+        f"FlopCounterMode; {wall_time}.",
         "",
         "| run | steps | final density | eval loss | gap to dense | compute (receipt) | compute (FlopCounterMode) | "
         "wall time |",
@@ -194,10 +201,10 @@ def format_table(rows: list[dict], header: str, eval_text: str) -> list[str]:
         per_seed = " (" + ", ".join(f"{run['eval_loss']:.4f}" for run in row["runs"]) + ")" if seeds > 1 else ""
         receipt, counter = compute_shares(row, dense)
         density = 1.0 if row["dense"] else mean(row, "sdt/density")
+        speed = f"{mean(row, 'train_runtime') / mean(dense, 'train_runtime'):.2f}" if side_by_side else "not compared"
         lines.append(
             f"| {row['name']} | {row['runs'][0]['max_steps']} | {density:.3f} | {loss:.4f}{per_seed} | "
-            f"{100 * (loss / dense_loss - 1):+.2f}% | {receipt:.1%} | {counter:.1%} | "
-            f"{mean(row, 'train_runtime') / mean(dense, 'train_runtime'):.2f} |"
+            f"{100 * (loss / dense_loss - 1):+.2f}% | {receipt:.1%} | {counter:.1%} | {speed} |"
         )
     return lines
 
@@ -326,10 +333,10 @@ def main() -> None:
     write_report(rows, header, eval_text, args.output)
 
 
-def write_report(rows: list[dict], header: str, eval_text: str, output: str | None) -> None:
-    """Print the table of `rows` (the first the dense reference) and, given `output`, write it with a `.json` twin of
-    every run's metrics and a `.png` of eval loss vs compute."""
-    finish_report(format_table(rows, header, eval_text), output)
+def write_report(rows: list[dict], header: str, eval_text: str, output: str | None, side_by_side: bool = True) -> None:
+    """Print the table of `rows` (the first the dense reference; see `format_table` for `side_by_side`) and, given
+    `output`, write it with a `.json` twin of every run's metrics and a `.png` of eval loss vs compute."""
+    finish_report(format_table(rows, header, eval_text, side_by_side), output)
     if output:
         stem = os.path.splitext(output)[0]
         with open(stem + ".json", "w", encoding="utf-8") as handle:

@@ -14,7 +14,8 @@ A probe is `NAME|dense-or-sdt|FLAGS`, the flags those of `hf-sdt train` (e.g. a 
 
 `--report` runs nothing: it tables rows of the logs (and of `bench_pretrain.py` reports' `.json` twins) in
 `bench_pretrain.py`'s format, the runs of every row of one name merged over seeds (so that seeds run as probes, or
-another report's seeds, join a table's row), the first row named the dense reference of the gaps and compute shares;
+another report's seeds, join a table's row), the first row named the dense reference of the gaps and compute shares
+(not of wall time: probes run on other days and machine loads, so their times do not compare);
 the header names each file's setting, and `--eval_text` the held-out text of the demo's setting:
 
     python benchmarks/probe_pretrain.py --log benchmarks/results/pretrain_512_probes.jsonl --log ... \
@@ -86,7 +87,8 @@ def report(args) -> None:
         f"{datetime.date.today()} | tabled from {', '.join(os.path.basename(path) for path in args.log)} | "
         f"{'; '.join(dict.fromkeys(settings))} (each row's own flags in the .json twin)"
     )
-    write_report([merged_row(rows, name) for name in args.rows], header, args.eval_text, args.report)
+    merged = [merged_row(rows, name) for name in args.rows]
+    write_report(merged, header, args.eval_text, args.report, side_by_side=False)
 
 
 def main() -> None:

@@ -138,7 +138,8 @@ def test_probe_report_merges_the_seeds_of_rows_of_one_name_from_probe_logs_and_a
     text = output.read_text()
     assert "| tabled; probed (each row's own flags in the .json twin)" in text  # each file's setting, once
     assert "| dense | 300 | 1.000 | 2.2000 (2.0000, 2.2000, 2.4000) | +0.00% | 100.0% |" in text  # seed 1 logged first
-    assert "| SDT | 300 | 0.100 | 2.3000 (2.2000, 2.4000) | +4.55% | 15.0% | 15.0% |" in text
+    assert "| SDT | 300 | 0.100 | 2.3000 (2.2000, 2.4000) | +4.55% | 15.0% | 15.0% | not compared |" in text
+    assert "wall time not compared: the runs were separate probes" in text
     rates = [row("dense", seed, 2.0, f"--learning_rate {seed}e-3") for seed in (1, 3)]
     log.write_text("".join(json.dumps(logged) + "\n" for logged in rates))
     with pytest.raises(AssertionError, match="ran different settings"):
